@@ -1,0 +1,271 @@
+r"""Offline data sets: nothing here touches the network.
+
+* :class:`MarkovSource` — a seeded order-$k$ Markov chain over a small alphabet whose entropy
+  rate is computed exactly, so a chapter can show the gap between a model and the best possible.
+* :func:`char_corpus` — about 465K characters of the Python language reference, the text of
+  ``pydoc_data.topics`` as shipped with CPython 3.11.7. The text differs between Python versions,
+  so a gzipped snapshot of that exact text ships inside ``arcourse``: every learner, on every
+  Python, gets the same characters and the same numbers.
+* :func:`digits` — ``sklearn.datasets.load_digits`` (8x8 images with 17 grey levels, shipped with
+  scikit-learn) with a fixed train / test split.
+* :func:`random_windows` — a jit-able sampler of (input, shifted target) windows for training.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MarkovSource",
+    "CharCorpus",
+    "char_corpus",
+    "Digits",
+    "digits",
+    "random_windows",
+    "CORPUS_SHA256",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The synthetic Markov source
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class MarkovSource:
+    r"""A stationary order-$k$ Markov chain over the alphabet $\{0, \dots, V-1\}$.
+
+    $p(x_t \mid x_{<t}) = T[x_{t-k} \dots x_{t-1}, x_t]$, where the context $c$ is read as a
+    base-$V$ number with the oldest symbol most significant. The first $k$ symbols are drawn from
+    the stationary distribution $\pi$ over contexts, so every window of the chain has the same law.
+
+    The entropy rate is exact: $H = \sum_c \pi(c)\, H(T[c])$ nats per symbol.
+    """
+
+    order: int
+    vocab_size: int
+    transitions: np.ndarray  # (V**k, V), rows sum to one
+
+    def __post_init__(self):
+        if not isinstance(self.order, int | np.integer) or self.order < 1:
+            raise ValueError(f"order must be an integer >= 1, got {self.order!r}")
+        if not isinstance(self.vocab_size, int | np.integer) or self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be an integer >= 2, got {self.vocab_size!r}")
+        t = np.asarray(self.transitions, dtype=np.float64)
+        want = (self.vocab_size**self.order, self.vocab_size)
+        if t.shape != want:
+            raise ValueError(f"transitions must have shape {want}, got {t.shape}")
+        if np.any(t < 0) or not np.allclose(t.sum(1), 1.0):
+            raise ValueError("transitions must be non-negative with rows summing to one")
+        object.__setattr__(self, "transitions", t)
+
+    @classmethod
+    def random(cls, order: int = 2, vocab_size: int = 4, concentration: float = 0.5, seed: int = 0):
+        """A source whose rows are drawn from a symmetric Dirichlet(``concentration``).
+
+        Smaller concentrations give peakier, more predictable rows (a lower entropy rate).
+        """
+        if concentration <= 0:
+            raise ValueError(f"concentration must be > 0, got {concentration!r}")
+        rng = np.random.default_rng(seed)
+        t = rng.dirichlet(np.full(vocab_size, concentration), size=vocab_size**order)
+        return cls(order=order, vocab_size=vocab_size, transitions=t)
+
+    @property
+    def num_contexts(self) -> int:
+        return self.vocab_size**self.order
+
+    @cached_property
+    def stationary(self) -> np.ndarray:
+        r"""Stationary distribution $\pi$ over contexts: $\pi = \pi P$ for the context chain."""
+        V, C = self.vocab_size, self.num_contexts
+        P = np.zeros((C, C))
+        for c in range(C):
+            for x in range(V):
+                P[c, (c * V + x) % C] += self.transitions[c, x]
+        # Solve pi (P - I) = 0 with sum(pi) = 1 as a least-squares system: exact up to rounding.
+        A = np.vstack([P.T - np.eye(C), np.ones((1, C))])
+        b = np.zeros(C + 1)
+        b[-1] = 1.0
+        pi, *_ = np.linalg.lstsq(A, b, rcond=None)
+        pi = np.clip(pi, 0.0, None)
+        return pi / pi.sum()
+
+    def entropy_rate(self) -> float:
+        r"""$H = -\sum_c \pi(c) \sum_x T[c,x] \ln T[c,x]$ in nats per symbol (exact)."""
+        t = self.transitions
+        row_h = -np.sum(np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0), axis=1)
+        return float(self.stationary @ row_h)
+
+    def context_ids(self, seq) -> np.ndarray:
+        """Context index of every position t >= k of ``seq``: shape (len(seq) - k,)."""
+        seq = self._check_seq(seq)
+        k, V = self.order, self.vocab_size
+        ids = np.zeros(len(seq) - k, dtype=np.int64)
+        for j in range(k):
+            ids = ids * V + seq[j : len(seq) - k + j]
+        return ids
+
+    def conditional_log_probs(self, seq) -> np.ndarray:
+        r"""$\ln p(x_t \mid x_{t-k:t})$ for $t = k, \dots, T-1$ under the true source."""
+        seq = self._check_seq(seq)
+        with np.errstate(divide="ignore"):
+            return np.log(self.transitions[self.context_ids(seq), seq[self.order :]])
+
+    def log_prob(self, seq) -> float:
+        r"""Exact $\ln p(x_{1:T})$: the stationary law of the first $k$ symbols, then the chain."""
+        seq = self._check_seq(seq)
+        first = 0
+        for j in range(self.order):
+            first = first * self.vocab_size + int(seq[j])
+        with np.errstate(divide="ignore"):
+            return float(np.log(self.stationary[first]) + self.conditional_log_probs(seq).sum())
+
+    def sample(self, length: int, seed: int = 0) -> np.ndarray:
+        """Draw one sequence of ``length`` symbols (int32) by ancestral sampling."""
+        if not isinstance(length, int | np.integer) or length < self.order:
+            raise ValueError(f"length must be an integer >= order={self.order}, got {length!r}")
+        rng = np.random.default_rng(seed)
+        V, C, k = self.vocab_size, self.num_contexts, self.order
+        c0 = rng.choice(C, p=self.stationary)
+        first = [(c0 // V ** (k - 1 - j)) % V for j in range(k)]
+        # Inverse-CDF sampling inside one compiled scan: fast even for millions of symbols.
+        cdf = jnp.asarray(np.cumsum(self.transitions, axis=1), jnp.float32)
+        u = jnp.asarray(rng.random(length - k), jnp.float32)
+
+        def step(c, ui):
+            x = jnp.minimum(jnp.sum(cdf[c] < ui), V - 1)
+            return (c * V + x) % C, x
+
+        _, xs = jax.lax.scan(step, jnp.int32(c0), u)
+        return np.concatenate([np.asarray(first, np.int32), np.asarray(xs, np.int32)])
+
+    def _check_seq(self, seq) -> np.ndarray:
+        seq = np.asarray(seq)
+        if seq.ndim != 1 or len(seq) < self.order:
+            raise ValueError(
+                f"seq must be a 1-D sequence of at least order={self.order} symbols, "
+                f"got shape {seq.shape}"
+            )
+        if seq.size and (seq.min() < 0 or seq.max() >= self.vocab_size):
+            raise ValueError(f"seq symbols must lie in [0, {self.vocab_size}), got {seq.min()}..{seq.max()}")
+        return seq.astype(np.int64)
+
+    def all_sequences(self, length: int) -> np.ndarray:
+        """Every sequence of ``length`` symbols, shape (V**length, length): for enumeration proofs."""
+        return np.array(list(itertools.product(range(self.vocab_size), repeat=length)), np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# The character corpus
+# --------------------------------------------------------------------------------------------
+CORPUS_SHA256 = "71f2ff5d99bdc1f9c48c5c2353ad138201c5ca1c377e0226857ef8fa89b8bcee"
+_CORPUS_FILE = "pydoc_topics_py3.11.7.txt.gz"
+_ASCII_FOR = {"‘": "'", "’": "'", "“": '"', "”": '"', "–": "-", "—": "-", "…": "...", "°": "o",
+              "ß": "ss"}
+
+
+def _raw_corpus() -> str:
+    raw = resources.files("arcourse").joinpath("_data", _CORPUS_FILE).read_bytes()
+    text = gzip.decompress(raw).decode("utf-8")
+    if hashlib.sha256(text.encode("utf-8")).hexdigest() != CORPUS_SHA256:
+        raise RuntimeError(f"the corpus snapshot {_CORPUS_FILE} is corrupted (checksum mismatch)")
+    return text
+
+
+@dataclass(frozen=True, eq=False)
+class CharCorpus:
+    """A character corpus with a fixed contiguous split: the first 90% trains, the rest validates."""
+
+    text: str
+    chars: str
+    train: np.ndarray = field(repr=False)
+    valid: np.ndarray = field(repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, s: str) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.chars)}
+        missing = sorted(set(s) - set(index))
+        if missing:
+            raise ValueError(f"characters not in the vocabulary: {missing!r}")
+        return np.array([index[c] for c in s], dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids).reshape(-1)
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+def char_corpus(valid_fraction: float = 0.1) -> CharCorpus:
+    """The Python language reference as plain ASCII (printable characters and newlines).
+
+    The few typographic characters (curly quotes, dashes, ...) are mapped to ASCII.
+    """
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must lie in (0, 1), got {valid_fraction!r}")
+    text = "".join(_ASCII_FOR.get(c, c) for c in _raw_corpus())
+    text = "".join(c if (c == "\n" or " " <= c <= "~") else "?" for c in text)
+    chars = "".join(sorted(set(text)))
+    ids = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    lut = np.zeros(128, np.int32)
+    lut[np.frombuffer(chars.encode("ascii"), np.uint8)] = np.arange(len(chars))
+    ids = lut[ids]
+    cut = int(round(len(ids) * (1 - valid_fraction)))
+    return CharCorpus(text=text, chars=chars, train=ids[:cut], valid=ids[cut:])
+
+
+# --------------------------------------------------------------------------------------------
+# The digits
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Digits:
+    """8x8 digit images, integer grey levels 0..16, with labels 0..9."""
+
+    x_train: np.ndarray = field(repr=False)  # (1500, 8, 8) int32
+    y_train: np.ndarray = field(repr=False)  # (1500,) int32
+    x_test: np.ndarray = field(repr=False)  # (297, 8, 8) int32
+    y_test: np.ndarray = field(repr=False)  # (297,) int32
+    levels: int = 17
+
+
+def digits(num_train: int = 1500, seed: int = 0) -> Digits:
+    """``sklearn.datasets.load_digits`` split by a fixed permutation into train and test."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    if not 0 < num_train < len(d.target):
+        raise ValueError(f"num_train must lie in (0, {len(d.target)}), got {num_train!r}")
+    x = d.images.astype(np.int32)
+    y = d.target.astype(np.int32)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    tr, te = perm[:num_train], perm[num_train:]
+    return Digits(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+# --------------------------------------------------------------------------------------------
+def random_windows(key: jax.Array, tokens: jax.Array, batch_size: int, length: int):
+    """Random (inputs, targets) windows from a 1-D token array, targets shifted by one.
+
+    ``inputs[b] = tokens[s_b : s_b + length]`` and ``targets[b] = tokens[s_b + 1 : s_b + length + 1]``.
+    Traceable under ``jit``: sizes are static, the starts are random.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.shape[0] < length + 1:
+        raise ValueError(f"tokens must hold at least length+1={length + 1} symbols, got {tokens.shape[0]}")
+    starts = jax.random.randint(key, (batch_size,), 0, tokens.shape[0] - length)
+    idx = starts[:, None] + jnp.arange(length + 1)[None, :]
+    win = tokens[idx]
+    return win[:, :-1], win[:, 1:]

@@ -1,0 +1,364 @@
+"""Graded exercises: the registry, :func:`check`, and the comparison that explains a failure.
+
+An exercise is registered once, in ``arcourse/exercises/<chapter>.py``, with
+
+* a ``reference`` implementation (the answer),
+* ``cases``: the inputs to try, fixed and random (a function of a seeded ``numpy`` generator),
+* optionally a ``test`` for exercises judged by a property rather than by equality with the
+  reference (a sampler is judged by the frequencies it produces, not by its exact draws),
+* ``wrong``: plausible wrong answers (the classic mistakes) that the check must reject; the test
+  suite makes sure it does, so no grader can silently pass everything.
+
+``check(exercise_id, fn)`` prints one line, and on failure a short diagnosis, and returns a
+:class:`CheckResult`. It never raises and never hangs the kernel: an exception from the learner's
+code is summarised, and code that runs past the exercise's time limit is abandoned.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Case",
+    "Exercise",
+    "CheckResult",
+    "CheckFailure",
+    "register",
+    "get_exercise",
+    "all_exercises",
+    "check",
+    "assert_matches",
+    "describe",
+    "not_implemented_stub",
+]
+
+PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
+REPORT_ENV = "ARCOURSE_GRADE_REPORT"
+
+
+class CheckFailure(AssertionError):
+    """Raised by a test when the learner's answer is wrong; its message is the diagnosis."""
+
+
+@dataclass
+class Case:
+    """One input to an exercise: positional ``args``, keyword ``kwargs`` and a readable ``label``."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    label: str = ""
+
+
+@dataclass
+class Exercise:
+    """A registered exercise. See the module docstring."""
+
+    id: str
+    title: str
+    reference: Callable
+    cases: Callable[[np.random.Generator], Sequence[Case]] | Sequence[Case] = ()
+    points: int = 1
+    test: Callable[[Callable, Exercise], str | None] | None = None
+    wrong: dict[str, Callable] = field(default_factory=dict)
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    timeout: float = 60.0
+    hint: str = ""
+
+    def make_cases(self, seed: int = 0) -> list[Case]:
+        cases = self.cases(np.random.default_rng(seed)) if callable(self.cases) else self.cases
+        return list(cases)
+
+    def run(self, fn: Callable) -> str:
+        """Run the exercise's tests on ``fn``; raise :class:`CheckFailure` if it is wrong.
+
+        Returns a short summary of what was checked.
+        """
+        if self.test is not None:
+            return self.test(fn, self) or "property checks passed"
+        cases = self.make_cases()
+        for i, case in enumerate(cases):
+            label = case.label or f"case {i + 1}"
+            expected = self.reference(*case.args, **case.kwargs)
+            got = fn(*case.args, **case.kwargs)
+            assert_matches(got, expected, rtol=self.rtol, atol=self.atol,
+                           where=f"{label} (input: {describe_call(case)})")
+        return f"{len(cases)} cases"
+
+
+@dataclass
+class CheckResult:
+    """The outcome of :func:`check`: ``passed``, ``failed``, ``not attempted`` or ``error``."""
+
+    exercise_id: str
+    outcome: str
+    message: str = ""
+    points: int = 0
+    max_points: int = 0
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == PASSED
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def summary(self) -> str:
+        icon = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⬜", ERROR: "⚠️"}.get(self.outcome, "?")
+        head = f"{icon} {self.exercise_id}: {self.outcome.upper()} ({self.points}/{self.max_points} points)"
+        return head + (f"\n   {self.message}" if self.message else "")
+
+    def _ipython_display_(self):
+        # check() has already printed the summary; showing it again as the cell's value is noise.
+        pass
+
+
+_REGISTRY: dict[str, Exercise] = {}
+_LOADED = False
+
+
+def register(exercise_id: str, **kwargs) -> Exercise:
+    """Create and register an :class:`Exercise` (see its fields for the keyword arguments)."""
+    if "." not in exercise_id:
+        raise ValueError(f"exercise_id must look like 'chapter.name', got {exercise_id!r}")
+    ex = Exercise(id=exercise_id, **kwargs)
+    _REGISTRY[exercise_id] = ex
+    return ex
+
+
+def _load_all() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    from arcourse import exercises
+
+    for mod in pkgutil.iter_modules(exercises.__path__):
+        importlib.import_module(f"arcourse.exercises.{mod.name}")
+    _LOADED = True
+
+
+def all_exercises() -> dict[str, Exercise]:
+    """Every registered exercise, by id."""
+    _load_all()
+    return dict(_REGISTRY)
+
+
+def get_exercise(exercise_id: str) -> Exercise:
+    _load_all()
+    try:
+        return _REGISTRY[exercise_id]
+    except KeyError:
+        close = [k for k in _REGISTRY if k.split(".")[0] == str(exercise_id).split(".")[0]]
+        raise KeyError(
+            f"no exercise called {exercise_id!r}" + (f"; this chapter has {close}" if close else "")
+        ) from None
+
+
+def not_implemented_stub(*args, **kwargs):
+    """What an untouched exercise does: the learner copy's body."""
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+def check(exercise_id: str, fn: Callable, *, timeout: float | None = None,
+          quiet: bool = False) -> CheckResult:
+    """Grade ``fn`` as the answer to ``exercise_id``; print the outcome and return it.
+
+    Never raises: every problem becomes an outcome with a message.
+    """
+    start = time.perf_counter()
+    try:
+        ex = get_exercise(exercise_id)
+    except KeyError as e:
+        result = CheckResult(str(exercise_id), ERROR, str(e.args[0]))
+        return _finish(result, start, quiet)
+    if not callable(fn):
+        result = CheckResult(ex.id, ERROR, f"expected a function, got {type(fn).__name__}",
+                             0, ex.points)
+        return _finish(result, start, quiet)
+
+    outcome, message = _run_with_timeout(ex, fn, ex.timeout if timeout is None else timeout)
+    points = ex.points if outcome == PASSED else 0
+    return _finish(CheckResult(ex.id, outcome, message, points, ex.points), start, quiet)
+
+
+def _run_with_timeout(ex: Exercise, fn: Callable, timeout: float) -> tuple[str, str]:
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["summary"] = ex.run(fn)
+            box["outcome"] = PASSED
+        except NotImplementedError:
+            box["outcome"] = NOT_ATTEMPTED
+        except CheckFailure as e:
+            box["outcome"], box["message"] = FAILED, str(e)
+        except BaseException as e:  # noqa: BLE001 - the learner's code may raise anything
+            box["outcome"], box["message"] = ERROR, _summarise_exception(e)
+
+    worker = threading.Thread(target=target, name=f"arcourse-check-{ex.id}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return ERROR, (f"your code did not finish within {timeout:g} s (an infinite loop, or a "
+                       "Python loop where a vectorised operation would do?)")
+    outcome = box.get("outcome", ERROR)
+    if outcome == PASSED:
+        return PASSED, box.get("summary", "")
+    if outcome == NOT_ATTEMPTED:
+        return NOT_ATTEMPTED, "the stub still raises NotImplementedError: replace it with your code"
+    message = box.get("message", "")
+    if outcome == FAILED and ex.hint:
+        message += f"\n   hint: {ex.hint}"
+    return outcome, message
+
+
+def _summarise_exception(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    # The innermost frame outside arcourse and JAX is where the learner's code went wrong.
+    user = [f for f in frames if "arcourse" not in f.filename and "/jax/" not in f.filename
+            and "site-packages" not in f.filename]
+    where = f" (at line {user[-1].lineno}: `{(user[-1].line or '').strip()}`)" if user else ""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 300:
+        first = first[:300] + "..."
+    return f"your code raised {type(e).__name__}: {first}{where}"
+
+
+def _finish(result: CheckResult, start: float, quiet: bool) -> CheckResult:
+    result.seconds = round(time.perf_counter() - start, 3)
+    if not quiet:
+        print(result.summary())
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(asdict(result)) + "\n")
+        except OSError:
+            pass
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Comparison with a diagnosis
+# --------------------------------------------------------------------------------------------
+def describe(x: Any) -> str:
+    """A short description of a value: ``float32[2,5]``, ``3``, ``tuple(int32[4], float32[])``."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        shape = ",".join(str(d) for d in x.shape)
+        return f"{x.dtype}[{shape}]"
+    if isinstance(x, tuple | list):
+        inner = ", ".join(describe(v) for v in x[:6]) + (", ..." if len(x) > 6 else "")
+        return f"{type(x).__name__}({inner})"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in list(x.items())[:6]) + "}"
+    if callable(x):
+        return getattr(x, "__name__", "function")
+    r = repr(x)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def describe_call(case: Case) -> str:
+    parts = [describe(a) for a in case.args] + [f"{k}={describe(v)}" for k, v in case.kwargs.items()]
+    return ", ".join(parts) if parts else "no arguments"
+
+
+def _kind(dtype: np.dtype) -> str:
+    if dtype == np.bool_:
+        return "bool"
+    if np.issubdtype(dtype, np.integer):
+        return "integer"
+    if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating):
+        return "float"
+    return str(dtype)
+
+
+def assert_matches(got: Any, expected: Any, *, rtol: float = 1e-5, atol: float = 1e-6,
+                   where: str = "") -> None:
+    """Raise :class:`CheckFailure` explaining how ``got`` differs from ``expected``.
+
+    Compares pytrees (tuples, lists, dicts) leaf by leaf; arrays by shape, kind of dtype
+    (integer / float / bool) and value, reporting the first differing element.
+    """
+    prefix = f"{where}: " if where else ""
+    if isinstance(expected, tuple | list):
+        if not isinstance(got, tuple | list) or len(got) != len(expected):
+            raise CheckFailure(f"{prefix}expected a {type(expected).__name__} of {len(expected)} "
+                               f"items, got {describe(got)}")
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_matches(g, e, rtol=rtol, atol=atol, where=f"{where}, item {i}")
+        return
+    if isinstance(expected, dict):
+        if not isinstance(got, dict) or set(got) != set(expected):
+            raise CheckFailure(f"{prefix}expected a dict with keys {sorted(expected)}, got {describe(got)}")
+        for k in expected:
+            assert_matches(got[k], expected[k], rtol=rtol, atol=atol, where=f"{where}, key {k!r}")
+        return
+    if isinstance(expected, str):
+        if got != expected:
+            raise CheckFailure(f"{prefix}expected {expected!r}, got {got!r}")
+        return
+    if got is None:
+        raise CheckFailure(f"{prefix}your function returned None: did you forget `return`?")
+    try:
+        g = np.asarray(got)
+    except Exception:  # noqa: BLE001
+        raise CheckFailure(f"{prefix}expected an array, got {describe(got)}") from None
+    e = np.asarray(expected)
+    if g.dtype == object:
+        raise CheckFailure(f"{prefix}expected an array of numbers, got {describe(got)}")
+    if g.shape != e.shape:
+        hint = ""
+        if sorted(g.shape) == sorted(e.shape) and g.shape != e.shape:
+            hint = " (the same sizes in another order: a transposed or swapped axis?)"
+        elif g.size == e.size:
+            hint = " (the same number of elements: a reshape or a missing squeeze?)"
+        raise CheckFailure(f"{prefix}shape mismatch: expected {e.shape}, got {g.shape}{hint}")
+    ek, gk = _kind(e.dtype), _kind(g.dtype)
+    if ek != gk and {ek, gk} != {"integer", "bool"}:
+        raise CheckFailure(f"{prefix}dtype mismatch: expected {ek} values ({e.dtype}), "
+                           f"got {gk} values ({g.dtype})")
+    if ek == "float":
+        gf, ef = g.astype(np.float64), e.astype(np.float64)
+        bad_nan = np.isnan(gf) & ~np.isnan(ef)
+        if bad_nan.any():
+            idx = tuple(int(i) for i in np.argwhere(bad_nan)[0])
+            raise CheckFailure(f"{prefix}got NaN at index {idx} where {ef[idx]:.6g} was expected "
+                               "(an overflow, or log of zero?)")
+        close = np.isclose(gf, ef, rtol=rtol, atol=atol, equal_nan=True)
+    else:
+        close = g == e
+    if not np.all(close):
+        bad = np.argwhere(~close)
+        idx = tuple(int(i) for i in bad[0])
+        gv, ev = g[idx] if g.ndim else g, e[idx] if e.ndim else e
+        loc = f" at index {idx}" if idx else ""
+        msg = f"{prefix}wrong value{loc}: expected {_fmt(ev)}, got {_fmt(gv)}"
+        if g.ndim:
+            msg += f" ({len(bad)} of {g.size} elements differ"
+            if ek == "float":
+                msg += f"; largest difference {np.nanmax(np.abs(gf - ef)):.3g}"
+            msg += ")"
+        raise CheckFailure(msg)
+
+
+def _fmt(v) -> str:
+    v = np.asarray(v)
+    if v.dtype.kind == "f":
+        return f"{float(v):.6g}"
+    return str(v.item()) if v.ndim == 0 else str(v)

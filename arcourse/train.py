@@ -1,0 +1,204 @@
+r"""One compact training loop for every chapter: Flax NNX + Optax, compiled once.
+
+``fit`` splits the model and its optimiser into a static graph and a state pytree, then runs
+``chunk`` optimisation steps per call inside one ``jax.lax.scan`` (sampling each batch inside the
+compiled code too), so Python is visited once per chunk, not once per step, and nothing retraces.
+Between chunks it evaluates, updates a progress bar and keeps the parameters with the best
+validation score: models are selected on validation loss, and budgets are counted in steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+__all__ = ["History", "fit", "progress_bar"]
+
+
+@dataclass
+class History:
+    """What a training run did: per-step training loss and the evaluations between chunks."""
+
+    train_steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    evals: dict[str, list[float]] = field(default_factory=dict)
+    best_step: int | None = None
+    best_value: float | None = None
+    select_on: str | None = None
+    seconds: float = 0.0
+
+    def last(self, metric: str) -> float:
+        return self.evals[metric][-1]
+
+    def best(self, metric: str) -> float:
+        """The value of ``metric`` at the selected (best validation) step."""
+        return self.evals[metric][self.eval_steps.index(self.best_step)]
+
+    def summary(self) -> str:
+        s = f"{self.train_steps[-1] if self.train_steps else 0} steps in {self.seconds:.1f} s"
+        if self.best_step is not None:
+            s += f"; best {self.select_on} = {self.best_value:.4f} at step {self.best_step}"
+        return s
+
+    def plot(self, ax=None, label: str = "", metric: str | None = None, scale: float = 1.0,
+             smooth: int = 50):
+        """Training loss (smoothed) and the validation metric against steps."""
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        metric = metric or self.select_on
+        tl = np.asarray(self.train_loss) * scale
+        if len(tl):
+            k = max(1, min(smooth, len(tl) // 10 or 1))
+            sm = np.convolve(tl, np.ones(k) / k, mode="valid")
+            line, = ax.plot(self.train_steps[k - 1 :], sm, alpha=0.5,
+                            label=f"{label} train".strip())
+            color = line.get_color()
+        else:
+            color = None
+        if metric and metric in self.evals:
+            ax.plot(self.eval_steps, np.asarray(self.evals[metric]) * scale, "o-", ms=3,
+                    color=color, label=f"{label} {metric}".strip())
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        return ax
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar that works in JupyterLab and in a terminal.
+
+    ``ARCOURSE_PROGRESS=off`` silences it (the book build does: a static page cannot show a
+    live widget) and ``ARCOURSE_PROGRESS=text`` forces the plain text bar.
+    """
+    mode = os.environ.get("ARCOURSE_PROGRESS", "auto")
+    if mode == "off":
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, disable=True)
+    if mode == "text":
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, mininterval=1.0)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, mininterval=0.5)
+
+
+def _set_mode(model, train: bool):
+    fn = getattr(model, "train" if train else "eval", None)
+    if callable(fn):
+        fn()
+
+
+def fit(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable,
+    sample_batch: Callable,
+    *,
+    steps: int,
+    eval_fn: Callable | None = None,
+    eval_every: int | None = None,
+    select_on: str | None = "loss",
+    seed: int = 0,
+    desc: str = "training",
+    progress: bool = True,
+    verbose: bool = True,
+) -> History:
+    r"""Train ``model`` in place for ``steps`` optimisation steps and return its :class:`History`.
+
+    Args:
+      model: an ``nnx.Module``; its ``nnx.Param`` leaves are trained.
+      tx: an Optax transformation (schedules, clipping and all).
+      loss_fn: ``loss_fn(model, batch) -> scalar``, traceable.
+      sample_batch: ``sample_batch(key) -> batch``, traceable: batches are drawn inside ``jit``.
+      steps: the budget, in optimisation steps.
+      eval_fn: ``eval_fn(model) -> {name: scalar}``, traceable, run in eval mode between chunks.
+      eval_every: steps per compiled chunk (and between evaluations); default ``steps // 10``.
+      select_on: the ``eval_fn`` metric to minimise; the model ends with the parameters of the
+        best evaluation (early stopping on validation loss). ``None`` keeps the final parameters.
+      seed: the seed of the batch sampling.
+    """
+    if not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    chunk = int(eval_every or max(1, steps // 10))
+    if chunk < 1:
+        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+    if eval_fn is None:
+        select_on = None
+
+    _set_mode(model, train=False)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    eval_graph, _ = nnx.split((model, optimizer))
+    _set_mode(model, train=True)
+    train_graph, state = nnx.split((model, optimizer))
+
+    def one_step(state, key):
+        m, opt = nnx.merge(train_graph, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(m, sample_batch(key))
+        opt.update(m, grads)
+        return nnx.split((m, opt))[1], loss
+
+    @jax.jit
+    def run_chunk(state, keys):
+        return jax.lax.scan(one_step, state, keys)
+
+    @jax.jit
+    def evaluate(state):
+        m, _ = nnx.merge(eval_graph, state)
+        return {k: jnp.asarray(v, jnp.float32) for k, v in eval_fn(m).items()}
+
+    hist = History(select_on=select_on)
+    best_state = None
+    key = jax.random.key(seed)
+    start = time.perf_counter()
+    bar = progress_bar(steps, desc) if progress else None
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        key, sub = jax.random.split(key)
+        state, losses = run_chunk(state, jax.random.split(sub, n))
+        losses = np.asarray(losses, dtype=np.float64)
+        hist.train_steps.extend(range(done + 1, done + n + 1))
+        hist.train_loss.extend(losses.tolist())
+        done += n
+        postfix = {"loss": f"{losses.mean():.4f}"}
+        if not np.all(np.isfinite(losses)):
+            if bar is not None:
+                bar.close()
+            raise FloatingPointError(f"training loss became non-finite by step {done}: "
+                                     "lower the learning rate or clip the gradients")
+        if eval_fn is not None:
+            metrics = {k: float(v) for k, v in evaluate(state).items()}
+            hist.eval_steps.append(done)
+            for k, v in metrics.items():
+                hist.evals.setdefault(k, []).append(v)
+            postfix.update({k: f"{v:.4f}" for k, v in metrics.items()})
+            if select_on is not None:
+                if select_on not in metrics:
+                    raise KeyError(f"select_on={select_on!r} is not a metric of eval_fn: "
+                                   f"{sorted(metrics)}")
+                v = metrics[select_on]
+                if hist.best_value is None or v < hist.best_value or math.isnan(hist.best_value):
+                    hist.best_value, hist.best_step, best_state = v, done, state
+        if bar is not None:
+            bar.update(n)
+            bar.set_postfix(postfix, refresh=False)
+    if bar is not None:
+        bar.close()
+    hist.seconds = time.perf_counter() - start
+    nnx.update((model, optimizer), best_state if best_state is not None else state)
+    _set_mode(model, train=False)
+    if verbose:
+        print(f"{desc}: {hist.summary()}")
+    return hist
