@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 
 import jupytext
-import nbformat
 
 __all__ = ["strip_solutions", "learner_notebook", "generate", "stale_files", "chapter_sources",
            "SolutionMarkerError"]
@@ -92,6 +91,10 @@ def chapter_sources(root: Path = ROOT) -> list[Path]:
 
 
 def _render(nb, fmt: str) -> str:
+    if fmt == "ipynb":  # stable cell ids, so regenerating an unchanged chapter changes nothing
+        nb = copy.deepcopy(nb)
+        for i, cell in enumerate(nb.cells):
+            cell["id"] = f"cell-{i:03d}"
     text = jupytext.writes(nb, fmt=fmt)
     return text if text.endswith("\n") else text + "\n"
 
@@ -148,7 +151,7 @@ def write_book_chapters(root: Path = ROOT) -> list[Path]:
     for md in chapter_sources(root):
         nb = book_notebook(jupytext.read(md))
         path = out_dir / f"{md.stem}.ipynb"
-        nbformat.write(nb, path)
+        path.write_text(_render(nb, "ipynb"), encoding="utf-8")
         paths.append(path)
     return paths
 

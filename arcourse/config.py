@@ -29,7 +29,7 @@ def mode_banner() -> str:
     import jax
 
     if is_quick():
-        mode = "QUICK mode (ARCOURSE_QUICK=1): tiny budgets, numbers are not the chapter's claims"
+        mode = "QUICK mode (ARCOURSE_QUICK=1): tiny budgets, numbers not meaningful"
     else:
         mode = "FULL mode: the budgets and numbers the text describes"
     return f"arcourse {mode} | JAX {jax.__version__} on {jax.default_backend().upper()}"

@@ -128,6 +128,27 @@ class MarkovSource:
         with np.errstate(divide="ignore"):
             return float(np.log(self.stationary[first]) + self.conditional_log_probs(seq).sum())
 
+    def next_symbol_probs(self, prefix) -> np.ndarray:
+        r"""$p(x_t = \cdot \mid x_{<t} = \text{prefix})$ under the stationary chain, shape (V,).
+
+        Past the first $k$ symbols this is a row of the transition table; before that it is the
+        conditional of the stationary law of the first $k$ symbols (marginalised over the rest).
+        """
+        prefix = np.asarray(prefix, dtype=np.int64).reshape(-1)
+        k, V = self.order, self.vocab_size
+        if prefix.size and (prefix.min() < 0 or prefix.max() >= V):
+            raise ValueError(f"prefix symbols must lie in [0, {V})")
+        t = len(prefix)
+        if t >= k:
+            c = 0
+            for x in prefix[t - k :]:
+                c = c * V + int(x)
+            return self.transitions[c].copy()
+        joint = self.stationary.reshape((V,) * k)  # law of the first k symbols
+        marg = joint.sum(axis=tuple(range(t + 1, k))) if t + 1 < k else joint
+        row = marg[tuple(prefix)]
+        return row / row.sum()
+
     def sample(self, length: int, seed: int = 0) -> np.ndarray:
         """Draw one sequence of ``length`` symbols (int32) by ancestral sampling."""
         if not isinstance(length, int | np.integer) or length < self.order:

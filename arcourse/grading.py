@@ -301,7 +301,7 @@ def assert_matches(got: Any, expected: Any, *, rtol: float = 1e-5, atol: float =
             raise CheckFailure(f"{prefix}expected a {type(expected).__name__} of {len(expected)} "
                                f"items, got {describe(got)}")
         for i, (g, e) in enumerate(zip(got, expected)):
-            assert_matches(g, e, rtol=rtol, atol=atol, where=f"{where}, item {i}")
+            assert_matches(g, e, rtol=rtol, atol=atol, where=f"{where}, returned item {i}")
         return
     if isinstance(expected, dict):
         if not isinstance(got, dict) or set(got) != set(expected):

@@ -1,0 +1,88 @@
+# arcourse: every target bootstraps .venv from requirements.lock the first time.
+# Needs only python3 (3.11+) and make.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.arcourse-installed
+ROOT_FLAG := $(shell [ "$$(id -u)" = "0" ] && echo --allow-root)
+CELL_TIMEOUT ?= 600
+SOLUTIONS := $(wildcard solutions/[0-9][0-9]_*.ipynb)
+LEARNER   := $(wildcard notebooks/[0-9][0-9]_*.ipynb)
+
+.PHONY: help lab test lint unit sync nbval grade book book-quick book-check notebooks lock verify clean
+
+help:
+	@echo "make lab        set up (first time) and open JupyterLab on the course"
+	@echo "make test       set up (first time) and run everything CI runs"
+	@echo "make notebooks  regenerate notebooks/ and the .ipynb pairs from solutions/*.md"
+	@echo "make book       build the book site (book/_build/html)"
+	@echo "make verify     run every chapter in full mode and check the numbers it claims"
+	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "arcourse needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (arcourse)" >/dev/null
+	-$(PY) -m ipykernel install --user --name arcourse --display-name "Python 3 (arcourse)" >/dev/null
+	@touch $(STAMP)
+	@echo "environment ready in $(VENV)"
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab $(ROOT_FLAG) notebooks/00_welcome.ipynb
+
+# ---- everything CI runs ---------------------------------------------------------------------
+test: lint unit sync nbval grade book-quick book-check
+	@echo "make test: all checks passed"
+
+lint: $(STAMP)
+	$(BIN)/ruff check arcourse tests tools benchmarks
+	$(BIN)/ruff check solutions
+
+unit: $(STAMP)
+	ARCOURSE_QUICK=1 $(BIN)/pytest -q tests
+
+sync: $(STAMP)
+	$(PY) -m arcourse check-sync
+
+nbval: $(STAMP)
+	ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=text $(BIN)/pytest -q -p no:cacheprovider --nbval-lax \
+	  --nbval-cell-timeout=$(CELL_TIMEOUT) $(SOLUTIONS) $(LEARNER)
+
+grade: $(STAMP)
+	@for nb in $(SOLUTIONS); do \
+	  echo "== grading $$nb (expect full marks)"; \
+	  ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=off $(PY) -m arcourse grade $$nb --expect full || exit 1; \
+	done
+	@for nb in $(LEARNER); do \
+	  echo "== grading $$nb (expect zero)"; \
+	  ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=off $(PY) -m arcourse grade $$nb --expect zero || exit 1; \
+	done
+
+book: $(STAMP)
+	$(PY) -m arcourse book-chapters
+	ARCOURSE_PROGRESS=off $(BIN)/jupyter-book build book --warningiserror --keep-going
+
+book-quick: $(STAMP)
+	ARCOURSE_QUICK=1 $(MAKE) --no-print-directory book
+
+book-check: $(STAMP)
+	$(PY) tools/check_book.py
+
+notebooks: $(STAMP)
+	$(PY) -m arcourse notebooks
+
+verify: $(STAMP)
+	$(PY) -m arcourse verify
+
+lock: $(STAMP)
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra lab --extra dev --extra book \
+	  --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf book/_build book/chapters build .pytest_cache

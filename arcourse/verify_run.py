@@ -1,0 +1,74 @@
+"""``make verify``: execute every chapter in full mode and check the numbers it claims.
+
+Each chapter states its numbers with :func:`arcourse.verify.claim`; here every claim is collected
+from a fresh full-mode run, and one table is printed: chapter, claim, value, target, PASS/FAIL,
+and the chapter's run time (the design's budget: about 3 minutes on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from arcourse.authoring import ROOT, chapter_sources
+from arcourse.verify import REPORT_ENV
+
+TIME_BUDGET_S = 200  # "about 3 minutes", with a little room
+
+
+def run_chapter(ipynb: Path, report: Path) -> tuple[float, str]:
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ipynb, as_version=4)
+    env_before = dict(os.environ)
+    os.environ.pop("ARCOURSE_QUICK", None)
+    os.environ[REPORT_ENV] = str(report)
+    os.environ.setdefault("ARCOURSE_PROGRESS", "off")
+    start = time.perf_counter()
+    error = ""
+    try:
+        NotebookClient(nb, timeout=1800, kernel_name="python3",
+                       resources={"metadata": {"path": str(ipynb.parent)}}).execute()
+    except Exception as e:  # noqa: BLE001 - report and carry on with the next chapter
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    return time.perf_counter() - start, error
+
+
+def run_verify(chapters: list[str] | None = None) -> int:
+    sources = chapter_sources()
+    if chapters:
+        sources = [s for s in sources if any(s.stem.startswith(c) or c in s.stem for c in chapters)]
+    rows, ok = [], True
+    for md in sources:
+        ipynb = ROOT / "solutions" / f"{md.stem}.ipynb"
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "claims.jsonl"
+            print(f"running {ipynb.relative_to(ROOT)} in full mode ...", flush=True)
+            seconds, error = run_chapter(ipynb, report)
+            claims = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
+        in_time = seconds <= TIME_BUDGET_S
+        ok &= in_time and not error and all(c["ok"] for c in claims)
+        rows.append((md.stem, "run time", f"{seconds:.0f} s", f"<= {TIME_BUDGET_S} s",
+                     "PASS" if in_time else "FAIL"))
+        if error:
+            rows.append((md.stem, "executes without error", error[:60], "no error", "FAIL"))
+        for c in claims:
+            rows.append((md.stem, c["name"], f"{c['value']:.4f} {c['unit']}".strip(), c["target"],
+                         "PASS" if c["ok"] else "FAIL"))
+    widths = [max(len(str(r[i])) for r in rows + [("chapter", "claim", "value", "target", "")])
+              for i in range(5)]
+    header = ("chapter", "claim", "value", "target", "result")
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    print(f"\nmake verify: {'all claims hold' if ok else 'SOME CLAIMS FAIL'}")
+    return 0 if ok else 1

@@ -1,0 +1,98 @@
+"""Every registered exercise: its reference passes, the untouched stub reads "not attempted",
+and every plausible wrong answer it lists fails with a message. A grader that cannot fail is a
+defect, so each exercise must list at least one wrong answer."""
+
+import time
+
+import numpy as np
+import pytest
+
+from arcourse import grading
+from arcourse.grading import Case, CheckFailure, check
+
+EXERCISES = grading.all_exercises()
+IDS = sorted(EXERCISES)
+
+
+def test_there_are_exercises():
+    assert len(EXERCISES) >= 4
+
+
+@pytest.mark.parametrize("exercise_id", IDS)
+def test_reference_passes(exercise_id):
+    ex = EXERCISES[exercise_id]
+    r = check(exercise_id, ex.reference, quiet=True)
+    assert r.outcome == "passed", r.message
+    assert r.points == ex.points > 0
+
+
+@pytest.mark.parametrize("exercise_id", IDS)
+def test_stub_is_not_attempted(exercise_id):
+    r = check(exercise_id, grading.not_implemented_stub, quiet=True)
+    assert r.outcome == "not attempted", r.message
+    assert r.points == 0
+
+
+@pytest.mark.parametrize("exercise_id", IDS)
+def test_wrong_answers_fail_with_a_message(exercise_id):
+    ex = EXERCISES[exercise_id]
+    assert ex.wrong, f"{exercise_id} lists no plausible wrong answer: its grader is untested"
+    for name, wrong in ex.wrong.items():
+        r = check(exercise_id, wrong, quiet=True)
+        assert r.outcome == "failed", f"wrong answer {name!r} was not rejected: {r}"
+        assert r.message.strip(), f"wrong answer {name!r} failed without a diagnosis"
+
+
+# ---- check itself, on a toy exercise -------------------------------------------------------
+grading.register(
+    "toy.double",
+    title="Double an array",
+    reference=lambda x: 2 * x,
+    cases=lambda rng: [Case((np.arange(3.0),), label="arange"),
+                       Case((rng.normal(size=(2, 3)),), label="random 2x3")],
+    wrong={"adds instead": lambda x: x + 2},
+    timeout=2.0,
+)
+
+
+def test_check_diagnoses_values_shapes_and_dtypes(capsys):
+    r = check("toy.double", lambda x: x + 2)
+    assert r.outcome == "failed" and "expected 0" in r.message and "got 2" in r.message
+    assert "arange" in r.message
+    assert "FAILED" in capsys.readouterr().out
+    r = check("toy.double", lambda x: (2 * x).T)
+    assert r.outcome == "failed" and "shape mismatch" in r.message and "transposed" in r.message
+    r = check("toy.double", lambda x: (2 * x).astype(int))
+    assert r.outcome == "failed"
+    r = check("toy.double", lambda x: None)
+    assert r.outcome == "failed" and "return" in r.message
+
+
+def test_check_never_raises_and_bounds_time():
+    r = check("toy.double", lambda x: 1 / 0, quiet=True)
+    assert r.outcome == "error" and "ZeroDivisionError" in r.message
+    r = check("toy.double", "not a function", quiet=True)
+    assert r.outcome == "error" and "expected a function" in r.message
+    r = check("no_such.exercise", lambda x: x, quiet=True)
+    assert r.outcome == "error" and "no exercise" in r.message
+
+    def forever(x):
+        while True:
+            time.sleep(0.01)
+
+    t = time.perf_counter()
+    r = check("toy.double", forever, quiet=True)
+    assert r.outcome == "error" and "did not finish" in r.message
+    assert time.perf_counter() - t < 10
+
+
+def test_nan_is_named():
+    with pytest.raises(CheckFailure, match="NaN"):
+        grading.assert_matches(np.array([np.nan, 1.0]), np.array([0.5, 1.0]))
+
+
+def test_report_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.jsonl"
+    monkeypatch.setenv(grading.REPORT_ENV, str(path))
+    check("toy.double", lambda x: 2 * x, quiet=True)
+    assert '"outcome": "passed"' in path.read_text()

@@ -1,0 +1,116 @@
+"""The one-source-per-chapter pipeline and the command-line grader."""
+
+import json
+import subprocess
+import sys
+
+import jupytext
+import nbformat
+import pytest
+
+from arcourse import authoring
+from arcourse.authoring import SolutionMarkerError, strip_solutions
+
+
+def test_every_generated_notebook_is_in_sync():
+    stale = authoring.stale_files()
+    assert not stale, "run `make notebooks`: " + "; ".join(stale)
+
+
+def test_every_chapter_has_a_learner_copy_and_a_pair():
+    for md in authoring.chapter_sources():
+        for path in (md.with_suffix(".ipynb"), authoring.ROOT / "notebooks" / md.name,
+                     authoring.ROOT / "notebooks" / f"{md.stem}.ipynb"):
+            assert path.exists(), path
+
+
+def test_pairs_hold_the_same_cells():
+    for md in authoring.chapter_sources():
+        text_nb = jupytext.read(md)
+        ipynb = nbformat.read(md.with_suffix(".ipynb"), as_version=4)
+        assert [c.source for c in text_nb.cells] == [c.source for c in ipynb.cells], md.name
+        assert all(not c.get("outputs") for c in ipynb.cells if c.cell_type == "code"), \
+            f"{md.with_suffix('.ipynb').name} stores outputs"
+
+
+def test_learner_copies_hold_no_solutions():
+    for md in authoring.chapter_sources():
+        learner = (authoring.ROOT / "notebooks" / md.name).read_text()
+        assert "BEGIN SOLUTION" not in learner and "END SOLUTION" not in learner
+        n_regions = md.read_text().count(authoring.BEGIN)
+        assert learner.count("raise NotImplementedError") >= n_regions
+
+
+def test_every_chapter_checks_at_least_three_exercises_that_exist():
+    from arcourse.grading import all_exercises
+
+    registry = all_exercises()
+    for md in authoring.chapter_sources():
+        ids = authoring.exercise_ids_in(jupytext.read(md))
+        assert len(ids) >= 3, f"{md.name} has {len(ids)} graded exercises"
+        missing = [i for i in ids if i not in registry]
+        assert not missing, f"{md.name} checks unregistered exercises {missing}"
+
+
+def test_strip_keeps_indentation_and_the_rest():
+    src = "def f(x):\n    '''doc'''\n    # BEGIN SOLUTION\n    return 2 * x\n    # END SOLUTION\n\ncheck('a.b', f)"
+    out = strip_solutions(src)
+    assert out == ("def f(x):\n    '''doc'''\n    # YOUR CODE HERE\n    raise NotImplementedError\n"
+                   "\ncheck('a.b', f)")
+    ns = {"check": lambda *a: None}
+    exec(out, ns)  # the learner copy still runs
+    with pytest.raises(NotImplementedError):
+        ns["f"](1)
+
+
+@pytest.mark.parametrize("src, msg", [
+    ("# BEGIN SOLUTION\nx = 1\n# END SOLUTION", "indented"),
+    ("def f():\n    # BEGIN SOLUTION\n    return 1", "never closed"),
+    ("def f():\n    return 1\n    # END SOLUTION", "without"),
+    ("def f():\n    # BEGIN SOLUTION\n    # BEGIN SOLUTION\n", "nested"),
+])
+def test_malformed_markers_are_named(src, msg):
+    with pytest.raises(SolutionMarkerError, match=msg):
+        strip_solutions(src)
+
+
+def test_book_copy_folds_answers():
+    md = authoring.chapter_sources()[0]
+    nb = authoring.book_notebook(jupytext.read(md))
+    for cell in nb.cells:
+        if authoring.has_solution(cell):
+            assert "hide-input" in cell.metadata["tags"]
+
+
+def test_grade_cli_scores_a_notebook_and_survives_anything(tmp_path):
+    """A notebook with a passing, a failing, an erroring and a crashing exercise, and a cell that
+    raises: the grader reports each, and the kernel is alive at the end."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("import numpy as np\nfrom arcourse.grading import check"),
+        nbformat.v4.new_code_cell(
+            "def one_hot(y, n):\n    return (np.asarray(y)[:, None] == np.arange(n)).astype(float)\n"
+            "check('welcome.one_hot', one_hot)"),
+        nbformat.v4.new_code_cell("check('welcome.softmax', lambda z: np.exp(z) / np.exp(z).sum())"),
+        nbformat.v4.new_code_cell("raise RuntimeError('a learner cell that raises')"),
+        nbformat.v4.new_code_cell("import os\ncheck('welcome.log_sum_exp', lambda z: os._exit(3) if False "
+                                  "else 1 / 0)"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "learner.ipynb"
+    nbformat.write(nb, path)
+    out = subprocess.run([sys.executable, "-m", "arcourse", "grade", str(path), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    card = json.loads(out.stdout)
+    outcomes = {r["exercise_id"]: r["outcome"] for r in card["rows"]}
+    assert outcomes == {"welcome.one_hot": "passed", "welcome.softmax": "failed",
+                        "welcome.log_sum_exp": "error"}
+    assert card["score"] == 1 and card["max_score"] == 3
+    assert card["kernel_alive"] is True
+    assert any("RuntimeError" in e for e in card["cell_errors"])
+    assert out.returncode == 0
+
+    text = subprocess.run([sys.executable, "-m", "arcourse", "grade", str(path), "--expect", "full"],
+                          capture_output=True, text=True, timeout=300)
+    assert text.returncode == 1
+    assert "Total: 1/3 points" in text.stdout and "kernel alive at the end: yes" in text.stdout
