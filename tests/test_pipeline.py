@@ -53,7 +53,8 @@ def test_every_chapter_checks_at_least_three_exercises_that_exist():
 
 
 def test_strip_keeps_indentation_and_the_rest():
-    src = "def f(x):\n    '''doc'''\n    # BEGIN SOLUTION\n    return 2 * x\n    # END SOLUTION\n\ncheck('a.b', f)"
+    src = ("def f(x):\n    '''doc'''\n    # BEGIN SOLUTION\n    return 2 * x\n    # END SOLUTION\n"
+           "\ncheck('a.b', f)")
     out = strip_solutions(src)
     assert out == ("def f(x):\n    '''doc'''\n    # YOUR CODE HERE\n    raise NotImplementedError\n"
                    "\ncheck('a.b', f)")
