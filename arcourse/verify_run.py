@@ -62,7 +62,7 @@ def run_verify(chapters: list[str] | None = None) -> int:
         for c in claims:
             rows.append((md.stem, c["name"], f"{c['value']:.4f} {c['unit']}".strip(), c["target"],
                          "PASS" if c["ok"] else "FAIL"))
-    widths = [max(len(str(r[i])) for r in rows + [("chapter", "claim", "value", "target", "")])
+    widths = [max(len(str(r[i])) for r in rows + [("chapter", "claim", "value", "target", "result")])
               for i in range(5)]
     header = ("chapter", "claim", "value", "target", "result")
     print()
