@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("notebooks", help="write solutions/*.ipynb and notebooks/ from solutions/*.md")
     sub.add_parser("check-sync", help="fail if any generated notebook is stale")
-    sub.add_parser("book-chapters", help="write book/chapters/ (answers folded) from solutions/")
+    b = sub.add_parser("book-chapters", help="write book/chapters/ (answers folded) from solutions/")
+    b.add_argument("--executed", metavar="DIR",
+                   help="reuse the chapters already executed in DIR instead of executing them again")
 
     v = sub.add_parser("verify", help="run every chapter in full mode and check its claims")
     v.add_argument("chapters", nargs="*", help="chapter numbers or slugs (default: all)")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "book-chapters":
         from arcourse.authoring import write_book_chapters
 
-        for p in write_book_chapters():
+        for p in write_book_chapters(executed=args.executed):
             print(f"wrote {p}")
         return 0
     if args.command == "verify":

@@ -143,13 +143,24 @@ def stale_files(root: Path = ROOT) -> list[str]:
     return stale
 
 
-def write_book_chapters(root: Path = ROOT) -> list[Path]:
-    """Write ``book/chapters/NN_slug.ipynb`` (answers folded) for the book build."""
+def write_book_chapters(root: Path = ROOT, executed: Path | None = None) -> list[Path]:
+    """Write ``book/chapters/NN_slug.ipynb`` (answers folded) for the book build.
+
+    With ``executed``, a chapter already executed there (by ``grade --save-executed``) is taken
+    with its outputs and marked not to be executed again; the others are executed by the build.
+    """
+    import nbformat
+
     out_dir = root / "book" / "chapters"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for md in chapter_sources(root):
-        nb = book_notebook(jupytext.read(md))
+        done = Path(executed) / f"{md.stem}.ipynb" if executed else None
+        if done is not None and done.exists():
+            nb = book_notebook(nbformat.read(done, as_version=4))
+            nb.metadata["mystnb"] = {"execution_mode": "off"}
+        else:
+            nb = book_notebook(jupytext.read(md))
         path = out_dir / f"{md.stem}.ipynb"
         path.write_text(_render(nb, "ipynb"), encoding="utf-8")
         paths.append(path)

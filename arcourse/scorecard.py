@@ -116,6 +116,7 @@ def grade_notebook(path: str | os.PathLike, cell_timeout: float = 900,
                 r = json.loads(line)
                 results[r["exercise_id"]] = r  # the last check of an exercise counts
     if save_executed:
+        Path(save_executed).parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, save_executed)
     registry = all_exercises()
     for ex_id in ids + [k for k in results if k not in ids]:
