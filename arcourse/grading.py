@@ -352,7 +352,9 @@ def assert_matches(got: Any, expected: Any, *, rtol: float = 1e-5, atol: float =
         if g.ndim:
             msg += f" ({len(bad)} of {g.size} elements differ"
             if ek == "float":
-                msg += f"; largest difference {np.nanmax(np.abs(gf - ef)):.3g}"
+                both = np.isfinite(gf) & np.isfinite(ef)
+                if both.any():
+                    msg += f"; largest finite difference {np.max(np.abs(gf - ef)[both]):.3g}"
             msg += ")"
         raise CheckFailure(msg)
 
