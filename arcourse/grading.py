@@ -354,7 +354,8 @@ def assert_matches(got: Any, expected: Any, *, rtol: float = 1e-5, atol: float =
             if ek == "float":
                 both = np.isfinite(gf) & np.isfinite(ef)
                 if both.any():
-                    msg += f"; largest finite difference {np.max(np.abs(gf - ef)[both]):.3g}"
+                    diff = np.abs(gf[both] - ef[both])
+                    msg += f"; largest finite difference {diff.max():.3g}"
             msg += ")"
         raise CheckFailure(msg)
 
