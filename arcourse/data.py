@@ -106,12 +106,9 @@ class MarkovSource:
 
     def context_ids(self, seq) -> np.ndarray:
         """Context index of every position t >= k of ``seq``: shape (len(seq) - k,)."""
-        seq = self._check_seq(seq)
-        k, V = self.order, self.vocab_size
-        ids = np.zeros(len(seq) - k, dtype=np.int64)
-        for j in range(k):
-            ids = ids * V + seq[j : len(seq) - k + j]
-        return ids
+        from arcourse.counting import context_ids
+
+        return context_ids(self._check_seq(seq), self.order, self.vocab_size)
 
     def conditional_log_probs(self, seq) -> np.ndarray:
         r"""$\ln p(x_t \mid x_{t-k:t})$ for $t = k, \dots, T-1$ under the true source."""

@@ -88,33 +88,31 @@ def _dependency(model, labels=None, seed=0):
     return causality.dependency_map(lambda x: model.logits_from_inputs(x[None], lab)[0], x)
 
 
+def _reach(L, above):
+    """Support D[i, j] of L stacked 3-wide layers: j is in the same row at most L columns to the
+    left, or 1..L rows above with a column offset ``dc`` for which ``above(rows_up, dc)`` holds."""
+    D = np.zeros((H * W, H * W), bool)
+    for r in range(H):
+        for c in range(W):
+            for r2 in range(H):
+                for c2 in range(W):
+                    m, dc = r - r2, c2 - c
+                    D[r * W + c, r2 * W + c2] = (m == 0 and -L <= dc <= -1) or (
+                        1 <= m <= L and above(m, dc))
+    return D
+
+
 def _plain_reach(L):
     """Predicted support of a plain stack of L masked 3x3 layers (first type A).
 
     The models in these tests have 32 channels: the ReLUs of the output head could, with very
     few channels, all be off at a pixel and make a true dependency exactly zero."""
-    D = np.zeros((H * W, H * W), bool)
-    for r in range(H):
-        for c in range(W):
-            for r2 in range(H):
-                for c2 in range(W):
-                    m, dc = r - r2, c2 - c
-                    D[r * W + c, r2 * W + c2] = (m == 0 and -L <= dc <= -1) or (
-                        1 <= m <= L and -L <= dc <= m)
-    return D
+    return _reach(L, lambda m, dc: -L <= dc <= m)
 
 
 def _gated_reach(L):
     """Predicted support of L gated layers with 3-wide kernels."""
-    D = np.zeros((H * W, H * W), bool)
-    for r in range(H):
-        for c in range(W):
-            for r2 in range(H):
-                for c2 in range(W):
-                    m, dc = r - r2, c2 - c
-                    D[r * W + c, r2 * W + c2] = (m == 0 and -L <= dc <= -1) or (
-                        1 <= m <= L and abs(dc) <= L)
-    return D
+    return _reach(L, lambda m, dc: abs(dc) <= L)
 
 
 @pytest.mark.parametrize("L", [2, 4])

@@ -32,6 +32,19 @@ def _k(x):
     return np.asarray(x[...])
 
 
+def _cell_pair(flax_cell, my_cell, D, H, B, seed):
+    """A Flax cell and ours sharing its input/hidden weights and bias, plus random (x, h)."""
+    ref = flax_cell(D, H, rngs=nnx.Rngs(1), bias_init=nnx.initializers.normal(0.5))
+    mine = my_cell(D, H, rngs=nnx.Rngs(2))
+    mine.W_x[...] = _k(ref.dense_i.kernel)
+    mine.b[...] = _k(ref.dense_i.bias)
+    mine.W_h[...] = _k(ref.dense_h.kernel)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(B, H)), jnp.float32)
+    return ref, mine, x, h
+
+
 # --------------------------------------------------------------------------------------------
 # The cells equal Flax's on shared weights
 # --------------------------------------------------------------------------------------------
@@ -58,15 +71,7 @@ def test_lstm_cell_matches_flax():
 
 
 def test_gru_cell_matches_flax():
-    D, H, B = 4, 6, 3
-    ref = nnx.GRUCell(D, H, rngs=nnx.Rngs(1), bias_init=nnx.initializers.normal(0.5))
-    mine = GRUCell(D, H, rngs=nnx.Rngs(2))
-    mine.W_x[...] = _k(ref.dense_i.kernel)
-    mine.b[...] = _k(ref.dense_i.bias)
-    mine.W_h[...] = _k(ref.dense_h.kernel)
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-    h = jnp.asarray(rng.normal(size=(B, H)), jnp.float32)
+    ref, mine, x, h = _cell_pair(nnx.GRUCell, GRUCell, 4, 6, 3, seed=1)
     h1, _ = ref(h, x)
     h2, out2 = mine(h, x)
     np.testing.assert_allclose(h2, h1, rtol=1e-5, atol=1e-6)
@@ -76,15 +81,7 @@ def test_gru_cell_matches_flax():
 
 
 def test_rnn_cell_matches_flax_simple_cell():
-    D, H, B = 4, 5, 2
-    ref = nnx.SimpleCell(D, H, rngs=nnx.Rngs(1), bias_init=nnx.initializers.normal(0.5))
-    mine = RNNCell(D, H, rngs=nnx.Rngs(2))
-    mine.W_x[...] = _k(ref.dense_i.kernel)
-    mine.b[...] = _k(ref.dense_i.bias)
-    mine.W_h[...] = _k(ref.dense_h.kernel)
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
-    h = jnp.asarray(rng.normal(size=(B, H)), jnp.float32)
+    ref, mine, x, h = _cell_pair(nnx.SimpleCell, RNNCell, 4, 5, 2, seed=2)
     h1, _ = ref(h, x)
     h2, _ = mine(h, x)
     np.testing.assert_allclose(h2, h1, rtol=1e-5, atol=1e-6)
