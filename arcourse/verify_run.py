@@ -19,6 +19,22 @@ from arcourse.verify import REPORT_ENV
 TIME_BUDGET_S = 200  # "about 3 minutes", with a little room
 
 
+def slowest_cells(nb, n: int = 6) -> list[tuple[float, str]]:
+    """The ``n`` slowest code cells of an executed notebook: (seconds, first line of the cell)."""
+    from datetime import datetime
+
+    out = []
+    for cell in nb.cells:
+        timing = cell.get("metadata", {}).get("execution", {})
+        start, end = timing.get("iopub.execute_input"), timing.get("shell.execute_reply")
+        if cell.cell_type == "code" and start and end:
+            seconds = (datetime.fromisoformat(end.replace("Z", "+00:00"))
+                       - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
+            first = next((x for x in cell.source.splitlines() if x.strip()), "")
+            out.append((seconds, first[:70]))
+    return sorted(out, reverse=True)[:n]
+
+
 def run_chapter(ipynb: Path, report: Path) -> tuple[float, str]:
     import nbformat
     from nbclient import NotebookClient
@@ -38,7 +54,14 @@ def run_chapter(ipynb: Path, report: Path) -> tuple[float, str]:
     finally:
         os.environ.clear()
         os.environ.update(env_before)
-    return time.perf_counter() - start, error
+    seconds = time.perf_counter() - start
+    saved = ROOT / "build" / "verify" / ipynb.name  # the executed copy, to read the numbers off
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, saved)
+    print(f"  {seconds:.0f} s (executed copy: {saved.relative_to(ROOT)}); slowest cells:", flush=True)
+    for cell_s, first in slowest_cells(nb):
+        print(f"    {cell_s:6.1f} s  {first}", flush=True)
+    return seconds, error
 
 
 def run_verify(chapters: list[str] | None = None) -> int:
