@@ -8,6 +8,8 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.arcourse-installed
 ROOT_FLAG := $(shell [ "$$(id -u)" = "0" ] && echo --allow-root)
 CELL_TIMEOUT ?= 600
+# processes the test targets run side by side (pytest-xdist workers, notebooks graded at once)
+JOBS ?= 2
 SOLUTIONS := $(wildcard solutions/[0-9][0-9]_*.ipynb)
 LEARNER   := $(wildcard notebooks/[0-9][0-9]_*.ipynb)
 
@@ -19,6 +21,7 @@ help:
 	@echo "make notebooks  regenerate notebooks/ and the .ipynb pairs from solutions/*.md"
 	@echo "make book       build the book site (book/_build/html)"
 	@echo "make verify     run every chapter in full mode and check the numbers it claims"
+	@echo "                (CHAPTERS=\"03 05\" for some of them)"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -54,25 +57,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check solutions
 
 unit: $(STAMP)
-	ARCOURSE_QUICK=1 $(BIN)/pytest -q tests
+	ARCOURSE_QUICK=1 $(BIN)/pytest -q -n $(JOBS) tests
 
 sync: $(STAMP)
 	$(PY) -m arcourse check-sync
 
+# --dist loadfile: all cells of one notebook run in order, in one worker's kernel.
 nbval: $(STAMP)
 	ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=text $(BIN)/pytest -q -p no:cacheprovider --nbval-lax \
-	  --nbval-cell-timeout=$(CELL_TIMEOUT) $(SOLUTIONS) $(LEARNER)
+	  -n $(JOBS) --dist loadfile --nbval-cell-timeout=$(CELL_TIMEOUT) $(SOLUTIONS) $(LEARNER)
 
 grade: $(STAMP)
-	@for nb in $(SOLUTIONS); do \
-	  echo "== grading $$nb (expect full marks)"; \
-	  ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=off $(PY) -m arcourse grade $$nb --expect full \
-	    --save-executed build/executed/$$(basename $$nb) || exit 1; \
-	done
-	@for nb in $(LEARNER); do \
-	  echo "== grading $$nb (expect zero)"; \
-	  ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=off $(PY) -m arcourse grade $$nb --expect zero || exit 1; \
-	done
+	ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=off $(PY) tools/grade_all.py --jobs $(JOBS) \
+	  --full $(SOLUTIONS) --zero $(LEARNER) --save-executed build/executed
 
 book: $(STAMP)
 	$(PY) -m arcourse book-chapters
@@ -90,7 +87,7 @@ notebooks: $(STAMP)
 	$(PY) -m arcourse notebooks
 
 verify: $(STAMP)
-	$(PY) -m arcourse verify
+	$(PY) -m arcourse verify $(CHAPTERS)
 
 lock: $(STAMP)
 	$(BIN)/pip install --quiet uv
