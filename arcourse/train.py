@@ -143,15 +143,24 @@ def fit(
     _set_mode(model, train=True)
     train_graph, state = nnx.split((model, optimizer))
 
-    def one_step(state, key):
+    def train_step(state, key):
         m, opt = nnx.merge(train_graph, state)
         loss, grads = nnx.value_and_grad(loss_fn)(m, sample_batch(key))
         opt.update(m, grads)
         return nnx.split((m, opt))[1], loss
 
+    def one_step(state, key_and_active):
+        # Every chunk has the same length, so the loop compiles once: a shorter last chunk is
+        # padded with inactive steps, which leave the state as it is.
+        key, active = key_and_active
+        loss_type = jax.eval_shape(train_step, state, key)[1]
+        return jax.lax.cond(active, train_step,
+                            lambda s, _: (s, jnp.zeros(loss_type.shape, loss_type.dtype)),
+                            state, key)
+
     @jax.jit
-    def run_chunk(state, keys):
-        return jax.lax.scan(one_step, state, keys)
+    def run_chunk(state, keys, active):
+        return jax.lax.scan(one_step, state, (keys, active))
 
     @jax.jit
     def evaluate(state):
@@ -167,8 +176,11 @@ def fit(
     while done < steps:
         n = min(chunk, steps - done)
         key, sub = jax.random.split(key)
-        state, losses = run_chunk(state, jax.random.split(sub, n))
-        losses = np.asarray(losses, dtype=np.float64)
+        keys = jax.random.split(sub, n)
+        if n < chunk:
+            keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], chunk - n, axis=0)])
+        state, losses = run_chunk(state, keys, jnp.arange(chunk) < n)
+        losses = np.asarray(losses[:n], dtype=np.float64)
         hist.train_steps.extend(range(done + 1, done + n + 1))
         hist.train_loss.extend(losses.tolist())
         done += n

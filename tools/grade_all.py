@@ -13,7 +13,6 @@ compilation and kernel start-up, which run on one core.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ def grade(path: str, expect: str, save_dir: str | None) -> tuple[str, str, int, 
     if save_dir and expect == "full":
         cmd += ["--save-executed", str(Path(save_dir) / Path(path).name)]
     start = time.perf_counter()
-    run = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    run = subprocess.run(cmd, capture_output=True, text=True)
     return path, expect, run.returncode, run.stdout + run.stderr, time.perf_counter() - start
 
 

@@ -78,16 +78,10 @@ def _top_p_cases(rng):
     ]
 
 
-def _top_p_inclusive_le(probs, p):  # the classic off-by-one: drops the token that crosses p
+def _top_p_inclusive(probs, p, keep):  # compares the mass up to and including each token
     order = jnp.argsort(probs, axis=-1, descending=True)
     csum = jnp.cumsum(jnp.take_along_axis(probs, order, -1), -1)
-    return jnp.take_along_axis(csum <= p, jnp.argsort(order, -1), -1)
-
-
-def _top_p_inclusive_lt(probs, p):
-    order = jnp.argsort(probs, axis=-1, descending=True)
-    csum = jnp.cumsum(jnp.take_along_axis(probs, order, -1), -1)
-    return jnp.take_along_axis(csum < p, jnp.argsort(order, -1), -1)
+    return jnp.take_along_axis(keep(csum, p), jnp.argsort(order, -1), -1)
 
 
 def _top_p_unsorted(probs, p):  # forgets to sort: a prefix of the vocabulary
@@ -101,8 +95,9 @@ register(
     points=3,
     reference=decoding.top_p_mask,
     cases=_top_p_cases,
-    wrong={"inclusive cumsum <= p (drops the crossing token)": _top_p_inclusive_le,
-           "inclusive cumsum < p": _top_p_inclusive_lt,
+    wrong={"inclusive cumsum <= p (drops the crossing token)":
+               lambda probs, p: _top_p_inclusive(probs, p, jnp.less_equal),
+           "inclusive cumsum < p": lambda probs, p: _top_p_inclusive(probs, p, jnp.less),
            "does not sort by probability": _top_p_unsorted},
     hint="sort descending, and keep token j when the mass strictly BEFORE it (an exclusive "
          "cumulative sum) is < p: then the token that reaches p is kept, and so is the first.",
