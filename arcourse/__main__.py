@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "grade":
-        from arcourse.scorecard import grade_notebook, render
+        from arcourse.course.scorecard import grade_notebook, render
 
         card = grade_notebook(args.path, cell_timeout=args.cell_timeout,
                               save_executed=args.save_executed)
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if card.none_passed else 1
         return 0 if card.kernel_alive else 1
     if args.command == "notebooks":
-        from arcourse.authoring import generate
+        from arcourse.course.authoring import generate
 
         generate()
         return 0
     if args.command == "check-sync":
-        from arcourse.authoring import stale_files
+        from arcourse.course.authoring import stale_files
 
         stale = stale_files()
         for s in stale:
@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         print("all notebooks are in sync with their sources")
         return 0
     if args.command == "book-chapters":
-        from arcourse.authoring import write_book_chapters
+        from arcourse.course.authoring import write_book_chapters
 
         for p in write_book_chapters(executed=args.executed):
             print(f"wrote {p}")
         return 0
     if args.command == "verify":
-        from arcourse.verify_run import run_verify
+        from arcourse.course.verify_run import run_verify
 
         return run_verify(args.chapters)
     return 2

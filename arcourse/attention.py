@@ -23,8 +23,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from arcourse._checks import check_int as _check_int
+from arcourse.layers import GeluMLP, RMSNorm, SwiGLU, rms_norm
 
 __all__ = [
     "causal_mask",
@@ -39,14 +41,9 @@ __all__ = [
     "LayerKV",
     "CausalSelfAttention",
     "attend_with_cache",
+    "grouped_attention_weights",
     "kv_cache_bytes_per_token",
 ]
-
-
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,63 +123,6 @@ def rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array
 
 
 # --------------------------------------------------------------------------------------------
-# Normalisation and the feed-forward block
-# --------------------------------------------------------------------------------------------
-def rms_norm(x: jax.Array, weight: jax.Array | None = None, eps: float = 1e-6) -> jax.Array:
-    r"""$\mathrm{RMSNorm}(x) = x / \sqrt{\frac1d\sum_i x_i^2 + \epsilon} \odot g$ over the last axis.
-
-    Unlike LayerNorm it neither subtracts the mean nor adds a bias: it rescales only.
-    """
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
-    x = jnp.asarray(x)
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + eps)
-    if weight is not None:
-        y = y * weight
-    return y.astype(x.dtype)
-
-
-class RMSNorm(nnx.Module):
-    """RMS normalisation with a learned gain ``scale`` (d,), initialised to one."""
-
-    def __init__(self, dim: int, *, eps: float = 1e-6):
-        self.dim = _check_int("dim", dim)
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((self.dim,), jnp.float32))
-
-    def __call__(self, x):
-        return rms_norm(x, self.scale[...], self.eps)
-
-
-class SwiGLU(nnx.Module):
-    r"""The gated feed-forward block $W_2\,(\mathrm{silu}(W_1 x) \odot W_3 x)$, no biases.
-
-    With ``hidden = 8d/3`` it has the parameters of a $4d$ GELU MLP ($3 \cdot d \cdot 8d/3 = 8d^2$).
-    """
-
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        dim, hidden = _check_int("dim", dim), _check_int("hidden", hidden)
-        self.w1 = nnx.Linear(dim, hidden, use_bias=False, rngs=rngs)
-        self.w3 = nnx.Linear(dim, hidden, use_bias=False, rngs=rngs)
-        self.w2 = nnx.Linear(hidden, dim, use_bias=False, rngs=rngs)
-
-    def __call__(self, x):
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
-
-
-class GeluMLP(nnx.Module):
-    r"""The GPT-2 feed-forward block $W_2\,\mathrm{gelu}(W_1 x + b_1) + b_2$."""
-
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        dim, hidden = _check_int("dim", dim), _check_int("hidden", hidden)
-        self.w1 = nnx.Linear(dim, hidden, rngs=rngs)
-        self.w2 = nnx.Linear(hidden, dim, rngs=rngs)
-
-    def __call__(self, x):
-        return self.w2(jax.nn.gelu(self.w1(x)))
-
-
-# --------------------------------------------------------------------------------------------
 # Multi-head / grouped-query attention with a KV cache
 # --------------------------------------------------------------------------------------------
 class LayerKV(NamedTuple):
@@ -192,18 +132,31 @@ class LayerKV(NamedTuple):
     v: jax.Array
 
 
-def _grouped_attention(q, k, v, mask):
-    """q (B, Tq, H, dh); k, v (B, Tk, G, dh); mask broadcastable to (B, Tq, Tk) -> (B, Tq, H, dh).
-
-    Query head h reads key/value head h // (H / G).
-    """
+def _by_group(q, k):
+    """Arrange query heads by their key/value head: q (B, Tq, H, dh) -> (B, G, H/G, Tq, dh), k
+    (B, Tk, G, dh) -> (B, G, 1, Tk, dh). Query head h reads key/value head h // (H / G): the one
+    place where the GQA head mapping is written."""
     B, Tq, H, dh = q.shape
     G = k.shape[2]
-    qg = q.reshape(B, Tq, G, H // G, dh).transpose(0, 2, 3, 1, 4)  # (B, G, H/G, Tq, dh)
-    kg = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, G, 1, Tk, dh)
-    vg = v.transpose(0, 2, 1, 3)[:, :, None]
+    qg = q.reshape(B, Tq, G, H // G, dh).transpose(0, 2, 3, 1, 4)
+    return qg, k.transpose(0, 2, 1, 3)[:, :, None]
+
+
+def _grouped_attention(q, k, v, mask):
+    """q (B, Tq, H, dh); k, v (B, Tk, G, dh); mask broadcastable to (B, Tq, Tk) -> (B, Tq, H, dh)."""
+    B, Tq, H, dh = q.shape
+    qg, kg = _by_group(q, k)
+    _, vg = _by_group(q, v)
     out = scaled_dot_product_attention(qg, kg, vg, mask[:, None, None])  # (B, G, H/G, Tq, dh)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, Tq, H, dh)
+
+
+def grouped_attention_weights(q, k, mask):
+    """The attention weights of :func:`_grouped_attention`, per query head: (B, H, Tq, Tk)."""
+    B, Tq, H, _ = q.shape
+    qg, kg = _by_group(q, k)
+    w = attention_weights(qg, kg, mask[:, None, None])  # (B, G, H/G, Tq, Tk)
+    return w.reshape(B, H, Tq, k.shape[1])
 
 
 class CausalSelfAttention(nnx.Module):

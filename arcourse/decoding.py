@@ -16,17 +16,36 @@ $-\infty$ (probability zero). Precisely:
   a positive logit is divided by $\theta$ and a negative one multiplied by $\theta$.
 
 :func:`generate` applies them in the order repetition penalty, temperature, top-k, top-p, min-p
-(top-p and min-p see the temperature-scaled distribution), then samples, all inside one compiled
-``lax.scan`` over a pure ``step_fn(state, tokens) -> (logits, new_state)``: an RNN carry here, a
-KV cache in chapter 06. :func:`beam_search` keeps the ``beam_width`` best partial sequences
-instead, with the GNMT length penalty.
+(top-p and min-p see the temperature-scaled distribution), then samples.
+
+**The decoding interface.** Every model that generates token by token (the character RNN of
+chapter 03, the GPT of chapter 06, WaveNet, Mamba, the target and draft of speculative decoding)
+is an ``nnx.Module`` with three methods:
+
+.. code-block:: python
+
+    state = model.init_state(batch_size, max_len)   # RNN carry, KV cache, WaveNet queues, SSM state
+    logits, state = model.prefill(state, prompt)    # prompt int32 (B, P) -> logits (B, V) of token P
+    logits, state = model.step(state, tokens)       # tokens int32 (B,)   -> logits (B, V) of the next
+
+The state is a pytree of arrays with the batch on axis 0 (scalars, such as a shared position
+counter, are allowed); ``max_len`` bounds the positions it must hold (prompt plus generated
+tokens). ``prefill`` may read the prompt in one parallel pass (GPT) or step by step
+(:func:`prefill_by_steps`). A model may add ``reorder_state(state, rows)`` if gathering rows of
+every batched leaf (:func:`take_rows`) is not how its state follows a beam.
+
+:func:`generate` (sampling, with every processor) and :func:`beam_search` take any such model
+and run the whole loop, prompt included, as one compiled ``lax.scan``. The model's parameters
+are arguments of that compiled loop, not constants: a retrained model of the same structure
+reuses it. Samplers take the PRNG key first among their arrays, as ``jax.random`` does:
+``generate(model, prompt, num_tokens, key)``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +65,12 @@ __all__ = [
     "process_logits",
     "filtered_probs",
     "sample_token",
+    "Decoder",
+    "check_decoder",
+    "prefill_by_steps",
+    "take_rows",
     "generate",
     "generate_python_loop",
-    "default_prefill",
-    "module_step_fn",
-    "ModuleState",
     "beam_step",
     "beam_search",
     "BeamResult",
@@ -294,47 +314,83 @@ def sample_token(key, logits, temperature=1.0):
 
 
 # --------------------------------------------------------------------------------------------
-# Generation
+# The decoding interface, and generation
 # --------------------------------------------------------------------------------------------
-def default_prefill(step_fn: Callable) -> Callable:
-    """``prefill_fn(state, prompt) -> (last_logits, state)``: ``step_fn`` scanned over the prompt."""
+@runtime_checkable
+class Decoder(Protocol):
+    """What every model that generates token by token offers (see the module docstring)."""
 
-    def prefill(state, prompt):
-        def body(carry, tokens):
-            state, _ = carry
-            logits, state = step_fn(state, tokens)
-            return (state, logits), None
+    def init_state(self, batch_size: int, max_len: int): ...
 
-        logits0, _ = jax.eval_shape(step_fn, state, prompt[:, 0])
-        init = (state, jnp.zeros(logits0.shape, logits0.dtype))
-        (state, logits), _ = jax.lax.scan(body, init, prompt.T)
-        return logits, state
+    def prefill(self, state, prompt): ...
 
-    return prefill
+    def step(self, state, tokens): ...
 
 
-def _decode_step(step_fn, settings, carry, key):
+def check_decoder(model) -> None:
+    """Raise a ``TypeError`` naming what ``model`` lacks to be a :class:`Decoder`."""
+    from flax import nnx
+
+    missing = [m for m in ("init_state", "prefill", "step") if not callable(getattr(model, m, None))]
+    if missing:
+        raise TypeError(f"model must implement the decoding interface (init_state, prefill, "
+                        f"step); {type(model).__name__} lacks {', '.join(missing)}")
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+
+
+def prefill_by_steps(model, state, prompt):
+    """A :meth:`Decoder.prefill` for models that read a prompt one token at a time: ``model.step``
+    scanned over ``prompt`` (B, P). Returns the logits after the last prompt token and the state."""
+
+    def body(carry, tokens):
+        state, _ = carry
+        logits, state = model.step(state, tokens)
+        return (state, logits), None
+
+    logits0, _ = jax.eval_shape(model.step, state, prompt[:, 0])
+    init = (state, jnp.zeros(logits0.shape, logits0.dtype))
+    (state, logits), _ = jax.lax.scan(body, init, prompt.T)
+    return logits, state
+
+
+def take_rows(state, rows):
+    """Rows ``rows`` of a decoding state: every leaf with a batch axis (ndim >= 1) is gathered on
+    axis 0, scalars (a shared position counter) are kept. Beam search uses this unless the model
+    defines ``reorder_state(state, rows)``."""
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0) if jnp.ndim(x) else x, state)
+
+
+def _reorder(model, state, rows):
+    fn = getattr(model, "reorder_state", None)
+    return fn(state, rows) if callable(fn) else take_rows(state, rows)
+
+
+def _decode_step(model, settings, carry, key):
     """Draw one token from the processed logits, feed it back: the body of the decoding loop."""
     state, logits, presence = carry
     z = _process(logits, presence, settings)  # already divided by the temperature
     drawn = jax.random.categorical(key, z, axis=-1)
     tokens = jnp.where(settings.temperature > 0, drawn, jnp.argmax(z, axis=-1)).astype(jnp.int32)
     presence = presence | jax.nn.one_hot(tokens, logits.shape[-1], dtype=jnp.bool_)
-    logits, state = step_fn(state, tokens)
+    logits, state = model.step(state, tokens)
     return (state, logits.astype(jnp.float32), presence), tokens
 
 
-def _start(step_fn, prefill_fn, state, prompt):
-    logits, state = (prefill_fn or default_prefill(step_fn))(state, prompt)
+def _start(model, state, prompt):
+    logits, state = model.prefill(state, prompt)
     presence = token_presence(prompt, logits.shape[-1])
     return state, logits.astype(jnp.float32), presence
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "prefill_fn", "num_tokens"))
-def _generate(step_fn, prefill_fn, num_tokens, state, prompt, key, settings):
-    carry = _start(step_fn, prefill_fn, state, prompt)
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens"))
+def _generate(graphdef, num_tokens, params, state, prompt, key, settings):
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    carry = _start(model, state, prompt)
     keys = jax.random.split(key, num_tokens)
-    _, tokens = jax.lax.scan(functools.partial(_decode_step, step_fn, settings), carry, keys)
+    _, tokens = jax.lax.scan(functools.partial(_decode_step, model, settings), carry, keys)
     return tokens.T
 
 
@@ -349,94 +405,74 @@ def _check_prompt(prompt, num_tokens):
     return prompt.astype(jnp.int32), int(num_tokens)
 
 
-def generate(step_fn: Callable, state, prompt, num_tokens: int, key, *, temperature=1.0,
-             top_k=None, top_p=None, min_p=None, repetition_penalty=None,
-             prefill_fn: Callable | None = None):
+def _prepare(model, prompt, num_tokens, max_len, rows=None):
+    """Check the arguments; split the model into (graphdef, params); make its empty state."""
+    from flax import nnx
+
+    check_decoder(model)
+    prompt, num_tokens = _check_prompt(prompt, num_tokens)
+    need = prompt.shape[1] + num_tokens
+    if max_len is None:
+        max_len = need
+    elif isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) or max_len < need:
+        raise ValueError(f"max_len must be an integer >= prompt length + num_tokens = {need}, "
+                         f"got {max_len!r}")
+    graphdef, params = nnx.split(model)
+    state = model.init_state(prompt.shape[0] if rows is None else rows, int(max_len))
+    return graphdef, params, state, prompt, num_tokens
+
+
+def generate(model, prompt, num_tokens: int, key, *, temperature=1.0, top_k=None, top_p=None,
+             min_p=None, repetition_penalty=None, max_len: int | None = None):
     r"""Generate ``num_tokens`` tokens after ``prompt`` (int32[B, P]): returns int32[B, num_tokens].
 
-    ``step_fn(state, tokens int32[B]) -> (logits float32[B, V], new_state)`` is pure and
-    traceable; ``state`` is whatever it carries (an RNN carry, a KV cache). ``prefill_fn(state,
-    prompt) -> (last_logits [B, V], state)`` reads the prompt (default: ``step_fn`` scanned over
-    it). Then one compiled ``lax.scan`` repeats: process the logits (repetition penalty over the
-    prompt and everything generated, temperature, top-k, top-p, min-p), draw
-    $x_t \sim \mathrm{softmax}(\tilde z_t)$ (or the arg max when ``temperature=0``), feed $x_t$ to
-    ``step_fn``. ``None`` switches a processor off.
+    ``model`` implements the decoding interface (:class:`Decoder`). Its state starts as
+    ``model.init_state(B, max_len)`` (``max_len`` defaults to ``P + num_tokens``), the prompt is
+    read by ``model.prefill``, then one compiled ``lax.scan`` repeats: process the logits
+    (repetition penalty over the prompt and everything generated, temperature, top-k, top-p,
+    min-p), draw $x_t \sim \mathrm{softmax}(\tilde z_t)$ (the arg max when ``temperature=0``),
+    feed $x_t$ to ``model.step``. ``None`` switches a processor off.
 
-    The settings are traced, so changing them never recompiles; a given ``step_fn`` object
-    (and prompt shape and ``num_tokens``) compiles once: make it once, not per call.
+    The model's parameters are arguments of the compiled loop, not constants baked into it, and
+    the settings are traced: a retrained model of the same structure, or new settings, never
+    recompile. A new prompt shape or ``num_tokens`` does.
     """
-    prompt, num_tokens = _check_prompt(prompt, num_tokens)
+    graphdef, params, state, prompt, num_tokens = _prepare(model, prompt, num_tokens, max_len)
     s = _settings(temperature, top_k, top_p, min_p, repetition_penalty)
-    return _generate(step_fn, prefill_fn, num_tokens, state, prompt, key, s)
+    return _generate(graphdef, num_tokens, params, state, prompt, key, s)
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "prefill_fn"))
-def _jit_start(step_fn, prefill_fn, state, prompt):
-    return _start(step_fn, prefill_fn, state, prompt)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _jit_start(graphdef, params, state, prompt):
+    from flax import nnx
+
+    return _start(nnx.merge(graphdef, params), state, prompt)
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn",))
-def _jit_decode_step(step_fn, settings, carry, key):
-    return _decode_step(step_fn, settings, carry, key)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _jit_decode_step(graphdef, params, settings, carry, key):
+    from flax import nnx
+
+    return _decode_step(nnx.merge(graphdef, params), settings, carry, key)
 
 
-def generate_python_loop(step_fn: Callable, state, prompt, num_tokens: int, key, *,
-                         temperature=1.0, top_k=None, top_p=None, min_p=None,
-                         repetition_penalty=None, prefill_fn: Callable | None = None):
+def generate_python_loop(model, prompt, num_tokens: int, key, *, temperature=1.0, top_k=None,
+                         top_p=None, min_p=None, repetition_penalty=None,
+                         max_len: int | None = None):
     """:func:`generate` with the same compiled step called from a Python loop, once per token.
 
     The same computation and the same keys, so the same tokens: it exists to measure what the
     compiled loop saves (one dispatch per token from Python).
     """
-    prompt, num_tokens = _check_prompt(prompt, num_tokens)
+    graphdef, params, state, prompt, num_tokens = _prepare(model, prompt, num_tokens, max_len)
     s = _settings(temperature, top_k, top_p, min_p, repetition_penalty)
-    carry = _jit_start(step_fn, prefill_fn, state, prompt)
+    carry = _jit_start(graphdef, params, state, prompt)
     keys = jax.random.split(key, num_tokens)
     out = []
     for t in range(num_tokens):
-        carry, tokens = _jit_decode_step(step_fn, s, carry, keys[t])
+        carry, tokens = _jit_decode_step(graphdef, params, s, carry, keys[t])
         out.append(tokens)
     return jnp.stack(out, axis=1)
-
-
-class ModuleState(NamedTuple):
-    """The state of :func:`module_step_fn`: shared parameters and a per-sequence carry."""
-
-    params: object
-    carry: object
-
-    def reorder(self, rows):
-        """Gather rows of the carry (beam search); the parameters are shared by every row."""
-        return ModuleState(self.params, _take_rows(self.carry, rows))
-
-
-@functools.lru_cache(maxsize=64)
-def _module_step(graphdef):
-    from flax import nnx
-
-    def step_fn(state, tokens):
-        logits, carry = nnx.merge(graphdef, state.params).step(state.carry, tokens)
-        return logits, ModuleState(state.params, carry)
-
-    return step_fn
-
-
-def module_step_fn(model, batch_size: int):
-    """``(step_fn, state)`` for an NNX model with ``init_carry(B)`` and ``step(carry, tokens)``.
-
-    The state is a :class:`ModuleState` ``(params, carry)``: the parameters are a snapshot taken
-    now, passed as
-    arguments (not baked into the compiled code), and models with the same structure share one
-    ``step_fn``, so retraining or rebuilding a model never recompiles.
-    """
-    from flax import nnx
-
-    if not (hasattr(model, "step") and hasattr(model, "init_carry")):
-        raise ValueError("model must have step(carry, tokens) and init_carry(batch_size) methods")
-    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    graphdef, params = nnx.split(model)
-    return _module_step(graphdef), ModuleState(params, model.init_carry(int(batch_size)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,24 +519,18 @@ class BeamResult(NamedTuple):
     lengths: jax.Array
 
 
-def _take_rows(state, rows):
-    """Rows ``rows`` of every leaf (batch on axis 0), or ``state.reorder(rows)`` if it has one."""
-    if hasattr(state, "reorder"):
-        return state.reorder(rows)
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "width", "eos_id"))
+def _beam_search(graphdef, num_tokens, width, eos_id, params, state, prompt, alpha):
+    from flax import nnx
 
-
-@functools.partial(jax.jit, static_argnames=("step_fn", "prefill_fn", "reorder_fn", "num_tokens",
-                                             "width", "eos_id"))
-def _beam_search(step_fn, prefill_fn, reorder_fn, num_tokens, width, eos_id, state, prompt,
-                 alpha):
+    model = nnx.merge(graphdef, params)
     B, W, N = prompt.shape[0], width, num_tokens
-    logits, state = (prefill_fn or default_prefill(step_fn))(state, prompt)
+    logits, state = model.prefill(state, prompt)
     V = logits.shape[-1]
     if eos_id is not None and eos_id >= V:
         raise ValueError(f"eos_id must be a token id in [0, {V}), got {eos_id}")
     tile = jnp.repeat(jnp.arange(B), W)  # beam (b, w) starts as a copy of sequence b
-    state, logits = reorder_fn(state, tile), logits[tile]
+    state, logits = _reorder(model, state, tile), logits[tile]
     logp = jnp.full((B, W), NEG_INF).at[:, 0].set(0.0)  # one live beam: no duplicates
     carry = (state, logits, logp, jnp.zeros((B, W), jnp.int32), jnp.zeros((B, W), bool),
              jnp.zeros((B, W, N), jnp.int32))
@@ -523,7 +553,7 @@ def _beam_search(step_fn, prefill_fn, reorder_fn, num_tokens, width, eos_id, sta
             done = done | (tok == eos_id)
         seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1).at[:, :, t].set(tok)
         rows = (jnp.arange(B)[:, None] * W + parent).reshape(-1)
-        logits, state = step_fn(reorder_fn(state, rows), tok.reshape(-1))
+        logits, state = model.step(_reorder(model, state, rows), tok.reshape(-1))
         return (state, logits, logp, lengths, done, seqs), None
 
     (_, _, logp, lengths, _, seqs), _ = jax.lax.scan(body, carry, jnp.arange(N))
@@ -534,32 +564,30 @@ def _beam_search(step_fn, prefill_fn, reorder_fn, num_tokens, width, eos_id, sta
                       take(lengths))
 
 
-def beam_search(step_fn: Callable, state, prompt, num_tokens: int, beam_width: int, *,
-                length_penalty: float = 0.0, eos_id: int | None = None,
-                prefill_fn: Callable | None = None,
-                reorder_fn: Callable | None = None) -> BeamResult:
+def beam_search(model, prompt, num_tokens: int, beam_width: int, *, length_penalty: float = 0.0,
+                eos_id: int | None = None, max_len: int | None = None) -> BeamResult:
     r"""Beam search: keep the ``beam_width`` best partial sequences, one compiled ``lax.scan``.
 
-    At each step every live beam is extended by every token, each candidate is ranked by
-    $\ln p(y) / \mathrm{lp}(|y|)$ (:func:`length_penalty_factor`, ``length_penalty`` is
-    $\alpha$), and the best ``beam_width`` survive. A beam that emits ``eos_id`` is finished: it
-    keeps its score and length and competes with the live ones to the end. Returns a
-    :class:`BeamResult`, best first. Width 1 is greedy decoding; a width of at least $V^N$ keeps
-    every sequence, so its best is the exact most likely one.
+    ``model`` implements the decoding interface (:class:`Decoder`). At each step every live beam
+    is extended by every token, each candidate is ranked by $\ln p(y) / \mathrm{lp}(|y|)$
+    (:func:`length_penalty_factor`, ``length_penalty`` is $\alpha$), and the best
+    ``beam_width`` survive. A beam that emits ``eos_id`` is finished: it keeps its score and
+    length and competes with the live ones to the end. Returns a :class:`BeamResult`, best first.
+    Width 1 is greedy decoding; a width of at least $V^N$ keeps every sequence, so its best is the
+    exact most likely one.
 
-    Surviving beams take their parents' states: by default every leaf of the state is gathered
-    along axis 0 (an RNN carry has the batch there), or the state's own ``reorder(rows)`` is
-    called if it has one (:class:`ModuleState` does: its parameters are shared). Otherwise pass
-    ``reorder_fn(state, rows int32[R]) -> state``.
+    Surviving beams take their parents' states: :func:`take_rows` gathers every batched leaf of
+    the state, unless the model defines ``reorder_state(state, rows)``.
     """
-    prompt, num_tokens = _check_prompt(prompt, num_tokens)
-    if not isinstance(beam_width, int | np.integer) or beam_width < 1:
+    if not isinstance(beam_width, int | np.integer) or isinstance(beam_width, bool) \
+            or beam_width < 1:
         raise ValueError(f"beam_width must be an integer >= 1, got {beam_width!r}")
     _check_number("length_penalty", length_penalty)
     if eos_id is not None and not (isinstance(eos_id, int | np.integer) and eos_id >= 0):
         raise ValueError(f"eos_id must be a token id >= 0 or None, got {eos_id!r}")
-    return _beam_search(step_fn, prefill_fn, reorder_fn or _take_rows, num_tokens,
-                        int(beam_width), None if eos_id is None else int(eos_id), state, prompt,
+    graphdef, params, state, prompt, num_tokens = _prepare(model, prompt, num_tokens, max_len)
+    return _beam_search(graphdef, num_tokens, int(beam_width),
+                        None if eos_id is None else int(eos_id), params, state, prompt,
                         jnp.asarray(length_penalty, jnp.float32))
 
 

@@ -9,11 +9,11 @@ The block is configurable so that a chapter can measure what each modern piece b
 ``"rope"`` / ``"learned"`` / ``"none"``, norm ``"rms"`` / ``"layer"``, MLP ``"swiglu"`` /
 ``"gelu"``, and ``num_kv_heads`` for grouped-query attention.
 
-Decoding uses a key/value cache (:class:`KVCache`): :meth:`GPT.prefill` runs the prompt in one
-parallel pass and stores every layer's keys and values, then :meth:`GPT.decode_step` feeds one
-token per row, computing only that token's queries, keys and values. :func:`kv_cache_decoder` and
-:func:`uncached_decoder` wrap a model as the ``step_fn`` / ``prefill_fn`` pair (and its state)
-that ``arcourse.decoding.generate`` runs inside one compiled loop.
+A GPT implements the course's decoding interface (``arcourse.decoding``) with a key/value cache
+(:class:`KVCache`) as its state: :meth:`GPT.prefill` runs the prompt in one parallel pass and
+stores every layer's keys and values, then :meth:`GPT.step` feeds one token per row, computing
+only that token's queries, keys and values. :class:`UncachedGPT` is the naive decoder with the
+same interface, rerunning the whole forward pass at every step.
 
 :func:`copy_task` is a synthetic task where attention's direct access to the past wins: a random
 string followed by its exact repeat.
@@ -21,7 +21,6 @@ string followed by its exact repeat.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,18 +37,14 @@ from arcourse.attention import (
     SwiGLU,
     _check_int,
 )
-from arcourse.metrics import nll_from_logits
 
 __all__ = [
     "GPTConfig",
     "Block",
     "GPT",
     "KVCache",
-    "kv_cache_decoder",
-    "uncached_decoder",
-    "next_token_loss",
+    "UncachedGPT",
     "copy_task",
-    "masked_next_token_loss",
     "num_params",
 ]
 
@@ -181,17 +176,15 @@ class GPT(nnx.Module):
 
         Row i of a map is the distribution over the positions j <= i that position i reads.
         """
-        from arcourse.attention import attention_weights, causal_mask
+        from arcourse.attention import causal_mask, grouped_attention_weights
 
         tokens = jnp.asarray(tokens)
         h = self.embed_tokens(tokens)
         T = tokens.shape[1]
         maps = []
-        for block in self.blocks:
+        for block in self.blocks:  # the same projections and head grouping the forward pass runs
             q, k, _ = block.attn.qkv(block.norm1(h), jnp.arange(T))
-            group = self.cfg.num_heads // self.cfg.kv_heads
-            k = jnp.repeat(k, group, axis=2)  # query head h reads key head h // group
-            maps.append(attention_weights(q.swapaxes(1, 2), k.swapaxes(1, 2), causal_mask(T)))
+            maps.append(grouped_attention_weights(q, k, causal_mask(T)[None]))
             h = block(h)
         return jnp.stack(maps)
 
@@ -206,8 +199,8 @@ class GPT(nnx.Module):
         return self.from_embeddings(self.embed_tokens(tokens))
 
     # ---------------------------------------------------------------- decoding with a KV cache
-    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
-        """An empty cache for ``batch_size`` rows and up to ``max_len`` positions."""
+    def init_state(self, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows and up to ``max_len`` positions."""
         batch_size, max_len = _check_int("batch_size", batch_size), _check_int("max_len", max_len)
         if self.cfg.position == "learned" and max_len > self.cfg.context:
             raise ValueError(f"max_len={max_len} exceeds the learned position table "
@@ -239,7 +232,7 @@ class GPT(nnx.Module):
         logits = self.head(self.norm(h[:, -1]))
         return logits, KVCache(tuple(layers), jnp.asarray(prompt.shape[1], jnp.int32))
 
-    def decode_step(self, cache: KVCache, tokens):
+    def step(self, cache: KVCache, tokens):
         """Feed one token per row (B,) at position ``cache.length``: (logits (B, V), cache)."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 1:
@@ -255,87 +248,40 @@ class GPT(nnx.Module):
         return self.head(self.norm(h)), KVCache(tuple(layers), pos + 1)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_fns(graphdef):
-    def step_fn(state, tokens):
-        params, cache = state
-        logits, cache = nnx.merge(graphdef, params).decode_step(cache, tokens)
-        return logits, (params, cache)
+class UncachedGPT(nnx.Module):
+    """The naive decoder, the one deliberate alternative to the KV cache, with the same decoding
+    interface: every step reruns the whole forward pass of ``model`` over a fixed window of
+    ``max_len`` positions holding the tokens so far (zero-padded; the causal mask hides the
+    padding). Its state is ``(tokens (B, max_len), length)``."""
 
-    def prefill_fn(state, prompt):
-        params, cache = state
-        logits, cache = nnx.merge(graphdef, params).prefill(cache, prompt)
-        return logits, (params, cache)
+    def __init__(self, model: GPT):
+        if not isinstance(model, GPT):
+            raise TypeError(f"model must be a GPT, got {type(model).__name__}")
+        self.model = model
 
-    return step_fn, prefill_fn
+    def init_state(self, batch_size: int, max_len: int):
+        batch_size, max_len = _check_int("batch_size", batch_size), _check_int("max_len", max_len)
+        if self.model.cfg.position == "learned" and max_len > self.model.cfg.context:
+            raise ValueError(f"max_len={max_len} exceeds the learned position table "
+                             f"(context={self.model.cfg.context})")
+        return jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32)
 
-
-@functools.lru_cache(maxsize=64)
-def _uncached_fns(graphdef):
-    def step_fn(state, tokens):
-        params, buf, n = state
-        buf = jax.lax.dynamic_update_slice_in_dim(buf, tokens[:, None].astype(buf.dtype), n, 1)
-        logits = nnx.merge(graphdef, params)(buf)
-        return jax.lax.dynamic_index_in_dim(logits, n, 1, keepdims=False), (params, buf, n + 1)
-
-    def prefill_fn(state, prompt):
-        params, buf, _ = state
+    def prefill(self, state, prompt):
+        buf, _ = state
         P = prompt.shape[1]
         buf = jax.lax.dynamic_update_slice_in_dim(buf, prompt.astype(buf.dtype), 0, 1)
-        logits = nnx.merge(graphdef, params)(buf)
-        return logits[:, P - 1], (params, buf, jnp.asarray(P, jnp.int32))
+        return self.model(buf)[:, P - 1], (buf, jnp.asarray(P, jnp.int32))
 
-    return step_fn, prefill_fn
-
-
-def kv_cache_decoder(model: GPT, batch_size: int, max_len: int):
-    """``(step_fn, prefill_fn, state)`` for ``arcourse.decoding.generate``, with a KV cache.
-
-    The state is ``(parameters, KVCache)``: the parameters are a snapshot passed as arguments,
-    not baked into the compiled code, and models of the same structure share one ``step_fn``,
-    so a retrained model never recompiles. ``max_len`` must hold the prompt and the tokens.
-
-    >>> step_fn, prefill_fn, state = kv_cache_decoder(model, batch, max_len)
-    >>> generate(step_fn, state, prompt, n, key, prefill_fn=prefill_fn)
-    """
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be a GPT, got {type(model).__name__}")
-    graphdef, params = nnx.split(model)
-    step_fn, prefill_fn = _cached_fns(graphdef)
-    return step_fn, prefill_fn, (params, model.init_cache(batch_size, max_len))
-
-
-def uncached_decoder(model: GPT, batch_size: int, max_len: int):
-    """The baseline, same interface: every step reruns the whole forward pass over a fixed
-    ``max_len`` window of the tokens so far (zero-padded; the causal mask hides the padding).
-    The state is ``(parameters, tokens (B, max_len), length)``."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"model must be a GPT, got {type(model).__name__}")
-    batch_size, max_len = _check_int("batch_size", batch_size), _check_int("max_len", max_len)
-    if model.cfg.position == "learned" and max_len > model.cfg.context:
-        raise ValueError(f"max_len={max_len} exceeds the learned position table "
-                         f"(context={model.cfg.context})")
-    graphdef, params = nnx.split(model)
-    step_fn, prefill_fn = _uncached_fns(graphdef)
-    state = (params, jnp.zeros((batch_size, max_len), jnp.int32), jnp.zeros((), jnp.int32))
-    return step_fn, prefill_fn, state
+    def step(self, state, tokens):
+        buf, n = state
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, tokens[:, None].astype(buf.dtype), n, 1)
+        logits = jax.lax.dynamic_index_in_dim(self.model(buf), n, 1, keepdims=False)
+        return logits, (buf, n + 1)
 
 
 # --------------------------------------------------------------------------------------------
 # Losses and the synthetic copy task
 # --------------------------------------------------------------------------------------------
-def next_token_loss(model, batch):
-    """Mean NLL (nats) of ``batch = (inputs, targets)``, each (B, T): teacher forcing."""
-    x, y = batch
-    return nll_from_logits(model(x), y)
-
-
-def masked_next_token_loss(model, batch):
-    """Mean NLL over the positions where ``mask`` is true, ``batch = (inputs, targets, mask)``."""
-    x, y, m = batch
-    return nll_from_logits(model(x), y, m)
-
-
 def copy_task(key: jax.Array, batch_size: int, length: int, vocab_size: int):
     r"""A random string of ``length`` symbols followed by its repeat: $s = (u_1..u_L, u_1..u_L)$.
 

@@ -27,6 +27,7 @@ __all__ = [
     "smooth_labels",
     "cross_entropy",
     "next_token_loss",
+    "lm_loss",
     "global_norm",
     "clip_by_global_norm",
     "clip_by_value",
@@ -126,6 +127,18 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, *,
     return cross_entropy(logits[:, :-1], tokens[:, 1:], label_smoothing=label_smoothing)
 
 
+def lm_loss(model, batch) -> jax.Array:
+    r"""The loss every language model of the course trains with, in :func:`arcourse.train.fit`'s
+    form ``loss_fn(model, batch)``: the mean NLL (nats) of ``targets`` under ``model(inputs)``.
+
+    ``batch = (inputs, targets)`` or ``(inputs, targets, mask)``, each (B, T): ``model(inputs)``
+    gives logits (B, T, V) and ``targets[:, t]`` is the token that follows ``inputs[:, t]``; with
+    a mask, the mean is over the positions where it is true.
+    """
+    inputs, targets, *rest = batch
+    return cross_entropy(model(inputs), targets, mask=rest[0] if rest else None)
+
+
 def global_norm(tree) -> jax.Array:
     r"""$\lVert g \rVert = \sqrt{\sum_\ell \sum_i g_{\ell,i}^2}$ over every leaf of a pytree."""
     leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
@@ -185,7 +198,8 @@ def warmup_cosine(step, *, peak: float, warmup_steps: int, total_steps: int,
 def make_optimizer(peak_lr: float, total_steps: int, *, warmup_steps: int = 0,
                    final_lr: float = 0.0, clip_norm: float | None = 1.0,
                    weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """AdamW on the :func:`warmup_cosine` schedule, after global-norm clipping (if ``clip_norm``)."""
+    """The course's optimiser: global-norm clipping (if ``clip_norm``), then Adam with decoupled
+    weight decay (AdamW; ``weight_decay=0`` is plain Adam) on the :func:`warmup_cosine` schedule."""
     if not peak_lr > 0:
         raise ValueError(f"peak_lr must be > 0, got {peak_lr!r}")
     schedule = optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps,

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arcourse.layers import Conv1x1, gated_activation
+
 __all__ = [
     "causal_mask",
     "vertical_mask",
@@ -194,36 +196,14 @@ class MaskedConv2d(nnx.Module):
         return masked_conv(x, self.kernel[...], self.mask, self.bias[...])
 
 
-class Conv1x1(nnx.Module):
-    """A per-pixel linear map on the channel axis."""
-
-    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
-                 scale: float = 1.0):
-        std = scale / math.sqrt(in_features)
-        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (in_features, out_features)))
-        self.bias = nnx.Param(jnp.zeros((out_features,)))
-
-    def __call__(self, x):
-        return x @ self.kernel[...] + self.bias[...]
-
-
-def gated_activation(x: jax.Array) -> jax.Array:
-    r"""$\tanh(a) \odot \sigma(b)$ where $x = [a, b]$ is split in two halves on the last axis."""
-    if x.shape[-1] % 2:
-        raise ValueError(f"the last axis of x must have an even size, got {x.shape}")
-    a, b = jnp.split(x, 2, axis=-1)
-    return jnp.tanh(a) * jax.nn.sigmoid(b)
-
-
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
-def _check_images(images, levels):
+def _check_images(images):
     if images.ndim != 3:
         raise ValueError(f"images must have shape [B, H, W], got {images.shape}")
     if not jnp.issubdtype(images.dtype, jnp.integer):
         raise ValueError(f"images must hold integer grey levels, got dtype {images.dtype}")
-    del levels
 
 
 def _check_model_args(levels, channels, num_layers, first_kernel, kernel_size, num_classes,
@@ -253,7 +233,7 @@ class _ImageModel(nnx.Module):
         ``logits[b, r, c]`` parameterises $p(x_{rc} \\mid x_{<rc})$.
         """
         images = jnp.asarray(images)
-        _check_images(images, self.levels)
+        _check_images(images)
         return self.logits_from_inputs(jax.nn.one_hot(images, self.levels), labels)
 
     def _label_check(self, labels, batch):

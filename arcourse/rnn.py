@@ -18,19 +18,19 @@ side in the order given below (the order Flax uses, so the tests can compare on 
 
 Each cell splits its work in two: :meth:`project` computes $x W_x + b$ (for a whole sequence at
 once: one large matrix product) and :meth:`recur` does the sequential part. :class:`CharRNN`
-unrolls a cell with ``jax.lax.scan`` (teacher forcing), and :func:`sample` generates text inside
-one compiled ``lax.scan`` that carries the hidden state: constant memory per step, however long
-the text.
+unrolls a cell with ``jax.lax.scan`` (teacher forcing) and implements the course's decoding
+interface (``init_state`` / ``prefill`` / ``step``), so ``arcourse.decoding.generate`` runs its
+generation inside one compiled ``lax.scan`` that carries the hidden state: constant memory per
+step, however long the text. :func:`sample_loop` is that loop written out (chapter 03).
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from arcourse._checks import check_int
 
 __all__ = [
     "rnn_step",
@@ -43,7 +43,6 @@ __all__ = [
     "CharRNN",
     "unroll",
     "python_unroll",
-    "sample",
     "sample_loop",
     "input_gradient_norms",
     "char_lm_loss",
@@ -90,8 +89,7 @@ def gru_step(x, h, W_x, W_h, b):
 # The cells as NNX modules
 # --------------------------------------------------------------------------------------------
 def _check_size(name, value, minimum=1):
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return check_int(name, value, minimum)
 
 
 class _Cell(nnx.Module):
@@ -238,9 +236,17 @@ class CharRNN(nnx.Module):
         self.cell = CELLS[cell](embed_size or vocab_size, hidden_size, rngs=rngs)
         self.out = nnx.Linear(hidden_size, vocab_size, rngs=rngs)
 
-    def init_carry(self, batch_size: int):
-        """The zero state for ``batch_size`` sequences."""
-        return self.cell.init_carry(batch_size)
+    # ------------------------------------------------ the decoding interface (arcourse.decoding)
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        """The zero carry for ``batch_size`` sequences. Its size does not depend on ``max_len``:
+        a recurrent model remembers the past in a fixed-size state, however long the text."""
+        return self.cell.init_carry(_check_size("batch_size", batch_size))
+
+    def prefill(self, state, prompt):
+        """Read ``prompt`` int32[B, P] from ``state``: (logits [B, V] of the next token, carry).
+        The input projection of the whole prompt is one matrix product; the recurrence scans."""
+        logits, carry = self.scan(prompt, state)
+        return logits[:, -1], carry
 
     def _project(self, tokens):
         if self.embed is None:
@@ -258,7 +264,7 @@ class CharRNN(nnx.Module):
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (batch, time), got {tokens.shape}")
         if carry is None:
-            carry = self.init_carry(tokens.shape[0])
+            carry = self.init_state(tokens.shape[0])
         carry, hs = unroll(self.cell, carry, self._project(tokens))
         return self.out(hs), carry
 
@@ -297,30 +303,6 @@ def sample_loop(step_fn, carry, logits, keys, temperature=1.0):
 
     _, toks = jax.lax.scan(body, (carry, logits), keys)
     return toks.T
-
-
-@partial(nnx.jit, static_argnames=("num_tokens",))
-def _sample(model, prompt, key, temperature, num_tokens):
-    logits, carry = model.scan(prompt)
-    return sample_loop(model.step, carry, logits[:, -1], jax.random.split(key, num_tokens),
-                       temperature)
-
-
-def sample(model: CharRNN, prompt, num_tokens: int, key, *, temperature: float = 1.0):
-    r"""Generate ``num_tokens`` tokens after ``prompt`` (int32[B, P]), carrying the hidden state.
-
-    The prompt is read by a scan, then one ``lax.scan`` draws $x_{t+1} \sim
-    \mathrm{softmax}(z_t / \tau)$ and feeds it back: the state is a fixed-size carry, so memory does
-    not grow with the text. ``temperature`` is traced (changing it does not recompile);
-    ``temperature=0`` is greedy. Returns int32[B, num_tokens].
-    """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"prompt must have shape (batch, length >= 1), got {prompt.shape}")
-    _check_size("num_tokens", num_tokens)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    return _sample(model, prompt, key, jnp.float32(temperature), num_tokens)
 
 
 # --------------------------------------------------------------------------------------------

@@ -436,7 +436,7 @@ def test_decoding_panel_live_and_static(monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    from arcourse import widgets
+    from arcourse.course import widgets
 
     chars = "abcdef"
     z = jnp.asarray([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
@@ -463,7 +463,7 @@ def test_plot_filtered_shows_the_kept_tokens():
     import matplotlib
 
     matplotlib.use("Agg")
-    from arcourse import widgets
+    from arcourse.course import widgets
 
     ax = widgets.plot_filtered(jnp.log(jnp.asarray(P)), "abcdef", {"top_p": 0.75})
     assert "2 token(s) kept" in ax.get_title()

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from arcourse import grading
-from arcourse.grading import Case, CheckFailure, check
+from arcourse.course import grading
+from arcourse.course.grading import Case, CheckFailure, check
 
 EXERCISES = grading.all_exercises()
 IDS = sorted(EXERCISES)

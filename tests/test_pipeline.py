@@ -8,8 +8,8 @@ import jupytext
 import nbformat
 import pytest
 
-from arcourse import authoring
-from arcourse.authoring import SolutionMarkerError, strip_solutions
+from arcourse.course import authoring
+from arcourse.course.authoring import SolutionMarkerError, strip_solutions
 
 
 def test_every_generated_notebook_is_in_sync():
@@ -42,7 +42,7 @@ def test_learner_copies_hold_no_solutions():
 
 
 def test_every_chapter_checks_at_least_three_exercises_that_exist():
-    from arcourse.grading import all_exercises
+    from arcourse.course.grading import all_exercises
 
     registry = all_exercises()
     for md in authoring.chapter_sources():
@@ -88,7 +88,7 @@ def test_grade_cli_scores_a_notebook_and_survives_anything(tmp_path):
     raises: the grader reports each, and the kernel is alive at the end."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [
-        nbformat.v4.new_code_cell("import numpy as np\nfrom arcourse.grading import check"),
+        nbformat.v4.new_code_cell("import numpy as np\nfrom arcourse.course.grading import check"),
         nbformat.v4.new_code_cell(
             "def one_hot(y, n):\n    return (np.asarray(y)[:, None] == np.arange(n)).astype(float)\n"
             "check('welcome.one_hot', one_hot)"),

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import rnn
-from arcourse.grading import Case, register
+from arcourse.course.grading import Case, register
 
 
 def _f32(rng, *shape, scale=1.0):

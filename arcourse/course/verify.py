@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from arcourse.config import is_quick
+from arcourse.course.config import is_quick
 
 __all__ = ["claim", "REPORT_ENV"]
 

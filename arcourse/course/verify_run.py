@@ -1,6 +1,6 @@
 """``make verify``: execute every chapter in full mode and check the numbers it claims.
 
-Each chapter states its numbers with :func:`arcourse.verify.claim`; here every claim is collected
+Each chapter states its numbers with :func:`arcourse.course.verify.claim`; here every claim is collected
 from a fresh full-mode run, and one table is printed: chapter, claim, value, target, PASS/FAIL,
 and the chapter's run time (the design's budget: about 3 minutes on a 2-core CPU).
 """
@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from arcourse.authoring import ROOT, chapter_sources
-from arcourse.verify import REPORT_ENV
+from arcourse.course.authoring import ROOT, chapter_sources
+from arcourse.course.verify import REPORT_ENV
 
 TIME_BUDGET_S = 200  # "about 3 minutes", with a little room
 

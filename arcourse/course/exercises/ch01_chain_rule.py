@@ -8,8 +8,8 @@ import numpy as np
 from scipy import stats
 
 from arcourse import counting
+from arcourse.course.grading import Case, CheckFailure, assert_matches, register
 from arcourse.data import MarkovSource
-from arcourse.grading import Case, CheckFailure, assert_matches, register
 
 _SOURCE = MarkovSource.random(order=2, vocab_size=3, concentration=0.4, seed=7)
 

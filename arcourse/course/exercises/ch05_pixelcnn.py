@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import pixelcnn
-from arcourse.grading import Case, CheckFailure, register
+from arcourse.course.grading import Case, CheckFailure, register
 
 
 # --------------------------------------------------------------------------------------------

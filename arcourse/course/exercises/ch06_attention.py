@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from arcourse import attention
-from arcourse.grading import Case, CheckFailure, assert_matches, describe_call, register
+from arcourse.course.grading import Case, CheckFailure, assert_matches, describe_call, register
 
 
 def _diagnosing_test(mistakes: dict, rtol: float = 1e-5, atol: float = 1e-5):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from arcourse.grading import Case, register
+from arcourse.course.grading import Case, register
 
 
 def one_hot(labels, num_classes):

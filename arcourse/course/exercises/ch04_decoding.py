@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import decoding
-from arcourse.grading import Case, register
+from arcourse.course.grading import Case, register
 
 BINARY = np.array([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.03125], np.float32)
 

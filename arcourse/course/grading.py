@@ -1,6 +1,6 @@
 """Graded exercises: the registry, :func:`check`, and the comparison that explains a failure.
 
-An exercise is registered once, in ``arcourse/exercises/<chapter>.py``, with
+An exercise is registered once, in ``arcourse/course/exercises/<chapter>.py``, with
 
 * a ``reference`` implementation (the answer),
 * ``cases``: the inputs to try, fixed and random (a function of a seeded ``numpy`` generator),
@@ -142,10 +142,10 @@ def _load_all() -> None:
     global _LOADED
     if _LOADED:
         return
-    from arcourse import exercises
+    from arcourse.course import exercises
 
     for mod in pkgutil.iter_modules(exercises.__path__):
-        importlib.import_module(f"arcourse.exercises.{mod.name}")
+        importlib.import_module(f"arcourse.course.exercises.{mod.name}")
     _LOADED = True
 
 

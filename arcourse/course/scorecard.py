@@ -14,11 +14,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import jupytext
 import nbformat
 
-from arcourse.authoring import exercise_ids_in
-from arcourse.grading import ERROR, NOT_ATTEMPTED, PASSED, REPORT_ENV, all_exercises
+from arcourse.course.authoring import exercise_ids_in
+from arcourse.course.grading import ERROR, NOT_ATTEMPTED, PASSED, REPORT_ENV, all_exercises
 
 __all__ = ["Scorecard", "grade_notebook", "render"]
 
@@ -65,6 +64,11 @@ class Scorecard:
 def _read(path: Path):
     if path.suffix == ".ipynb":
         return nbformat.read(path, as_version=4)
+    try:
+        import jupytext
+    except ImportError:
+        raise ValueError(f"{path} is a Jupytext text notebook: grade its .ipynb, or install "
+                         "jupytext to read it") from None
     return jupytext.read(path)
 
 
@@ -78,7 +82,7 @@ def grade_notebook(path: str | os.PathLike, cell_timeout: float = 900,
         raise FileNotFoundError(f"no notebook at {path}")
     nb = _read(path)
     ids = exercise_ids_in(nb)
-    from arcourse.config import is_quick
+    from arcourse.course.config import is_quick
 
     card = Scorecard(notebook=str(path), mode="quick" if is_quick() else "full")
     start = time.perf_counter()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import losses
-from arcourse.grading import Case, register
+from arcourse.course.grading import Case, register
 
 
 def _f32(x):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["is_quick", "by_mode", "mode_banner"]
+__all__ = ["is_quick", "by_mode", "mode_banner", "seed", "SEED_ENV"]
+
+SEED_ENV = "ARCOURSE_SEED"
 
 
 def is_quick() -> bool:
@@ -32,4 +34,20 @@ def mode_banner() -> str:
         mode = "QUICK mode (ARCOURSE_QUICK=1): tiny budgets, numbers not meaningful"
     else:
         mode = "FULL mode: the budgets and numbers the text describes"
-    return f"arcourse {mode} | JAX {jax.__version__} on {jax.default_backend().upper()}"
+    offset = seed(0)
+    seed_s = f" | seed offset {offset}" if offset else ""
+    return f"arcourse {mode} | JAX {jax.__version__} on {jax.default_backend().upper()}{seed_s}"
+
+
+def seed(base: int = 0) -> int:
+    """``base`` plus the course-wide seed offset ``ARCOURSE_SEED`` (default 0).
+
+    Every seed in a chapter goes through this, so ``ARCOURSE_SEED=1 make verify`` re-runs the whole
+    course at a second seed and shows which claims hold at both.
+    """
+    raw = os.environ.get(SEED_ENV, "0").strip() or "0"
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise ValueError(f"{SEED_ENV} must be an integer, got {raw!r}") from None
+    return int(base) + offset

@@ -1,1 +1,0 @@
-"""One module per chapter, each registering that chapter's exercises with arcourse.grading."""
