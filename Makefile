@@ -39,13 +39,15 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab $(ROOT_FLAG) notebooks/00_welcome.ipynb
 
 # ---- everything CI runs ---------------------------------------------------------------------
-# Every notebook is executed several times (nbval on both copies, grading on both): JAX's
-# persistent compilation cache lets the later runs reuse what the first one compiled.
+# Each notebook executes once: nbval runs the learner copies (writing every check's result to
+# build/reports/), the grader runs the solutions (saving them executed, for the book), the
+# learner copies' scorecards come from nbval's reports, and the book reuses the executed
+# solutions. JAX's persistent compilation cache is shared by all of them.
 unit nbval grade book-quick: export JAX_COMPILATION_CACHE_DIR = $(CURDIR)/build/jax-cache
 unit nbval grade book-quick: export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS = 0
 unit nbval grade book-quick: export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES = 0
 
-test: lint unit sync nbval grade
+test: lint unit sync grade
 	$(MAKE) --no-print-directory book-quick book-check
 	@echo "make test: all checks passed"
 
@@ -62,14 +64,20 @@ unit: $(STAMP)
 sync: $(STAMP)
 	$(PY) -m arcourse check-sync
 
+# The learner copies, as learners run them: every cell must run with the exercises unsolved.
 # --dist loadfile: all cells of one notebook run in order, in one worker's kernel.
 nbval: $(STAMP)
-	ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=text $(BIN)/pytest -q -p no:cacheprovider --nbval-lax \
-	  -n $(JOBS) --dist loadfile --nbval-cell-timeout=$(CELL_TIMEOUT) $(SOLUTIONS) $(LEARNER)
+	rm -rf build/reports
+	ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=text ARCOURSE_NBVAL_REPORTS=$(CURDIR)/build/reports \
+	  $(BIN)/pytest -q -p no:cacheprovider --nbval-lax -n $(JOBS) --dist loadfile \
+	  --nbval-cell-timeout=$(CELL_TIMEOUT) $(LEARNER)
 
-grade: $(STAMP)
-	ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=off $(PY) tools/grade_all.py --jobs $(JOBS) \
-	  --full $(SOLUTIONS) --zero $(LEARNER) --save-executed build/executed
+# Solutions: executed by the grader as a plain pip install would run it (no extras), full marks
+# and no cell raising. Learner copies: zero, scored from what nbval's execution reported.
+grade: $(STAMP) nbval
+	ARCOURSE_QUICK=1 ARCOURSE_PROGRESS=off $(PY) tools/grade_all.py --jobs $(JOBS) --core-only \
+	  --full $(SOLUTIONS) --save-executed build/executed \
+	  --zero $(LEARNER) --zero-reports build/reports
 
 book: $(STAMP)
 	$(PY) -m arcourse book-chapters

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--expect", choices=["full", "zero"],
                    help="exit non-zero unless every exercise passed (full) / none did (zero)")
     g.add_argument("--save-executed", metavar="PATH", help="also write the executed notebook here")
+    g.add_argument("--from-report", metavar="JSONL",
+                   help="do not execute: score the check results an earlier execution wrote here "
+                        "(CI: nbval runs the learner copies with ARCOURSE_GRADE_REPORT set)")
 
     sub.add_parser("notebooks", help="write solutions/*.ipynb and notebooks/ from solutions/*.md")
     sub.add_parser("check-sync", help="fail if any generated notebook is stale")
@@ -30,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "grade":
-        from arcourse.course.scorecard import grade_notebook, render
+        from arcourse.course.scorecard import card_from_report, grade_notebook, render
 
-        card = grade_notebook(args.path, cell_timeout=args.cell_timeout,
-                              save_executed=args.save_executed)
+        if args.from_report:
+            card = card_from_report(args.path, args.from_report)
+        else:
+            card = grade_notebook(args.path, cell_timeout=args.cell_timeout,
+                                  save_executed=args.save_executed)
         print(render(card, as_json=args.json))
-        if args.expect == "full":
-            return 0 if card.all_passed else 1
+        if args.expect == "full":  # full marks, and no cell of the notebook raised
+            return 0 if card.all_passed and not card.cell_errors and card.kernel_alive else 1
         if args.expect == "zero":
             return 0 if card.none_passed else 1
         return 0 if card.kernel_alive else 1

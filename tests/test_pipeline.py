@@ -115,3 +115,59 @@ def test_grade_cli_scores_a_notebook_and_survives_anything(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert text.returncode == 1
     assert "Total: 1/3 points" in text.stdout and "kernel alive at the end: yes" in text.stdout
+
+
+CORE_ONLY = authoring.ROOT / "tools" / "core_only"
+
+
+def test_grading_needs_no_extras(tmp_path):
+    """A plain `pip install` of the repository (no lab/dev/book extras) can grade: the grader and
+    its kernel run with everything only the extras install blocked (tools/core_only)."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(CORE_ONLY), ARCOURSE_QUICK="1")
+    blocked = subprocess.run([sys.executable, "-c", "import jupytext"], env=env,
+                             capture_output=True, text=True)
+    assert blocked.returncode != 0 and "blocked" in blocked.stderr  # the blocker is in force
+    out = subprocess.run([sys.executable, "-m", "arcourse", "grade",
+                          str(authoring.ROOT / "notebooks" / "00_welcome.ipynb"), "--expect", "zero",
+                          "--save-executed", str(tmp_path / "run.ipynb")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "not attempted" in out.stdout and "Cells that raised" not in out.stdout
+    md = subprocess.run([sys.executable, "-m", "arcourse", "grade",
+                         str(authoring.ROOT / "notebooks" / "00_welcome.md")],
+                        env=env, capture_output=True, text=True, timeout=60)
+    assert md.returncode != 0 and "grade its .ipynb" in md.stderr
+
+
+def test_scorecard_from_a_report_equals_grading_by_execution(tmp_path):
+    """CI scores a learner copy from the check results its nbval run wrote: the same card."""
+    from arcourse.course.scorecard import card_from_report
+
+    nb = authoring.ROOT / "notebooks" / "00_welcome.ipynb"
+    report = tmp_path / "00_welcome.jsonl"
+    rows = [{"exercise_id": i, "outcome": "not attempted", "points": 0, "message": ""}
+            for i in authoring.exercise_ids_in(nbformat.read(nb, as_version=4))]
+    report.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = card_from_report(nb, report)
+    assert card.none_passed and [r.outcome for r in card.rows] == ["not attempted"] * len(rows)
+    with pytest.raises(FileNotFoundError, match="ARCOURSE_GRADE_REPORT"):
+        card_from_report(nb, tmp_path / "missing.jsonl")
+
+
+def test_toc_and_readme_list_every_chapter(tmp_path):
+    """book/_toc.yml is generated from solutions/ (checked by the sync test); the README's chapter
+    table must have a row linking every chapter, and no row for a chapter that does not exist."""
+    chapters = {md.name[:2]: f"solutions/{md.name}" for md in authoring.chapter_sources()}
+    assert authoring.readme_chapter_rows() == chapters
+    toc = (authoring.ROOT / "book" / "_toc.yml").read_text()
+    for md in authoring.chapter_sources():
+        assert f"chapters/{md.stem}\n" in toc, f"{md.stem} is missing from book/_toc.yml"
+    # A chapter added to solutions/ alone makes both checks fail.
+    root = tmp_path
+    (root / "solutions").mkdir()
+    (root / "solutions" / "07_new.md").write_text("")
+    (root / "README.md").write_text("| 00 | [welcome](solutions/00_welcome.md) | x |\n")
+    assert "chapters/07_new" in authoring.toc_text(root)
+    assert "07" not in authoring.readme_chapter_rows(root)

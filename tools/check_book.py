@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import re
 import shutil
 import socketserver
@@ -30,7 +31,14 @@ def chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return shutil.which(name)
-    sys.exit("check_book: Chromium not found (install Debian's `chromium` package)")
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        sys.exit("check_book: Chromium not found (install Debian's `chromium` package)")
+    bar = "!" * 100
+    print(f"\n{bar}\ncheck_book: SKIPPED, Chromium not found. The built book was NOT checked in a "
+          "browser (maths typeset,\nfigures present, nothing loaded from outside). Install "
+          "Debian's `chromium` package to run this check;\nin CI (CI=true) it is required.\n"
+          f"{bar}")
+    sys.exit(0)
 
 
 def serve() -> tuple[socketserver.TCPServer, int]:
@@ -59,6 +67,7 @@ def main() -> int:
     if not pages:
         print(f"check_book: no chapter pages under {HTML}; run `make book` first")
         return 1
+    chromium()  # outside CI, a missing browser skips the check loudly instead of failing
     httpd, port = serve()
     failures = []
     shots = ROOT / "build" / "screenshots"
@@ -87,6 +96,8 @@ def main() -> int:
                     problems.append("no figures rendered")
                 if missing:
                     problems.append(f"figure files missing: {missing[:3]}")
+                if "<audio" in raw and not re.search(r'<audio[^>]*>\s*<source[^>]+src="data:audio', dom):
+                    problems.append("an audio player lost its embedded sound")
                 if external:
                     problems.append(f"loads from outside the site: {external[:3]}")
                 status = "ok" if not problems else "FAIL: " + "; ".join(problems)

@@ -115,7 +115,26 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
         learner = learner_notebook(nb, name=md.name)
         files[root / "notebooks" / f"{stem}.md"] = _render(learner, "md:myst")
         files[root / "notebooks" / f"{stem}.ipynb"] = _render(learner, "ipynb")
+    files[root / "book" / "_toc.yml"] = toc_text(root)
     return files
+
+
+def toc_text(root: Path = ROOT) -> str:
+    """``book/_toc.yml``: the front page, then every chapter in ``solutions/``, in order."""
+    lines = ["# Generated from solutions/ by `make notebooks` (a test fails when it is stale).",
+             "format: jb-book", "root: intro", "chapters:"]
+    lines += [f"  - file: chapters/{md.stem}" for md in chapter_sources(root)]
+    return "\n".join(lines) + "\n"
+
+
+def readme_chapter_rows(root: Path = ROOT) -> dict[str, str]:
+    """The README's chapter table: chapter number -> the solutions file its row links to."""
+    rows = {}
+    for line in (root / "README.md").read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\|\s*(\d\d)\s*\|\s*\[[^\]]+\]\((solutions/[^)]+\.md)\)", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
 
 
 def generate(root: Path = ROOT, verbose: bool = True) -> list[Path]:
