@@ -96,3 +96,25 @@ def test_report_file(tmp_path, monkeypatch):
     monkeypatch.setenv(grading.REPORT_ENV, str(path))
     check("toy.double", lambda x: 2 * x, quiet=True)
     assert '"outcome": "passed"' in path.read_text()
+
+
+def test_a_classic_mistake_is_named_only_when_it_explains_every_case():
+    """The platform names a listed mistake when the answer agrees with it on every case, never
+    from the first failing case alone, and never because both give NaN."""
+    ex = grading.Exercise(
+        id="demo.mask", title="demo", reference=lambda n: np.tril(np.ones((n, n), bool)),
+        cases=[Case((1,)), Case((4,))],
+        wrong={"hides the diagonal": lambda n: np.tril(np.ones((n, n), bool), -1),
+               "upper triangle": lambda n: np.triu(np.ones((n, n), bool))})
+    with pytest.raises(CheckFailure, match="classic mistake: upper triangle"):
+        ex.run(lambda n: np.triu(np.ones((n, n), bool)))  # agrees with the reference at n = 1
+    with pytest.raises(CheckFailure) as info:  # wrong in another way: no name
+        ex.run(lambda n: np.zeros((n, n), bool))
+    assert "classic mistake" not in str(info.value)
+    nan_ex = grading.Exercise(
+        id="demo.softmax", title="demo", reference=lambda z: np.exp(z) / np.exp(z).sum(),
+        cases=[Case((np.array([1000.0, 0.0]),))],
+        wrong={"no max subtraction": lambda z: np.exp(z) / np.exp(z).sum()})
+    with np.errstate(all="ignore"), pytest.raises(CheckFailure) as info:
+        nan_ex.run(lambda z: np.full(z.shape, np.nan))
+    assert "classic mistake" not in str(info.value)

@@ -92,9 +92,46 @@ class Exercise:
             label = case.label or f"case {i + 1}"
             expected = self.reference(*case.args, **case.kwargs)
             got = fn(*case.args, **case.kwargs)
-            assert_matches(got, expected, rtol=self.rtol, atol=self.atol,
-                           where=f"{label} (input: {describe_call(case)})")
+            try:
+                assert_matches(got, expected, rtol=self.rtol, atol=self.atol,
+                               where=f"{label} (input: {describe_call(case)})")
+            except CheckFailure as failure:
+                mistake = self.matching_mistake(fn, cases)
+                if mistake is None:
+                    raise
+                raise CheckFailure(f"{failure}\n   your answer matches a classic mistake: "
+                                   f"{mistake}") from None
         return f"{len(cases)} cases"
+
+    def matching_mistake(self, fn: Callable, cases: Sequence[Case] | None = None) -> str | None:
+        """The name of the ``wrong`` answer that ``fn`` agrees with on EVERY case, if any.
+
+        A mistake is named only when it explains every case (two mistakes that agree on a small
+        case are told apart by the others), and never by NaN alone: a case where the answer is
+        all NaN matches nothing.
+        """
+        cases = self.make_cases() if cases is None else cases
+        for what, mistake in self.wrong.items():
+            try:
+                for case in cases:
+                    got = fn(*case.args, **case.kwargs)
+                    if _all_nan(got):
+                        raise CheckFailure("all NaN")
+                    assert_matches(got, mistake(*case.args, **case.kwargs), rtol=self.rtol,
+                                   atol=self.atol)
+            except Exception:  # noqa: BLE001 - a mismatch, or the learner's code raising
+                continue
+            return what
+        return None
+
+
+def _all_nan(x) -> bool:
+    """True when every float leaf of ``x`` is entirely NaN (and there is at least one)."""
+    import jax
+
+    leaves = [np.asarray(v) for v in jax.tree_util.tree_leaves(x)]
+    floats = [v for v in leaves if v.dtype.kind == "f" and v.size]
+    return bool(floats) and all(np.isnan(v).all() for v in floats)
 
 
 @dataclass
