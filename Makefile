@@ -32,6 +32,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (arcourse)" >/dev/null
 	-$(PY) -m ipykernel install --user --name arcourse --display-name "Python 3 (arcourse)" >/dev/null
+	@# JupyterLab as a learner meets it: a chapter's .md opens as a notebook, no news pop-up.
+	@mkdir -p $(VENV)/share/jupyter/lab/settings
+	@cp tools/lab_overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	@touch $(STAMP)
 	@echo "environment ready in $(VENV)"
 
