@@ -118,3 +118,49 @@ def test_a_classic_mistake_is_named_only_when_it_explains_every_case():
     with np.errstate(all="ignore"), pytest.raises(CheckFailure) as info:
         nan_ex.run(lambda z: np.full(z.shape, np.nan))
     assert "classic mistake" not in str(info.value)
+
+
+def test_hints_come_in_steps():
+    """A failure says what is wrong; the exercise's hint only on request or on a second failure."""
+    ex_id = "welcome.softmax"
+    wrong = EXERCISES[ex_id].wrong
+    bad = next(iter(wrong.values()))
+    grading._FAILURES.pop(ex_id, None)
+    with np.errstate(all="ignore"):
+        first = check(ex_id, bad, quiet=True)
+        assert first.outcome == "failed" and "hint=2" in first.message
+        assert EXERCISES[ex_id].hint not in first.message
+        second = check(ex_id, bad, quiet=True)
+        assert EXERCISES[ex_id].hint in second.message
+        grading._FAILURES.pop(ex_id, None)
+        asked = check(ex_id, bad, quiet=True, hint=2)
+        assert EXERCISES[ex_id].hint in asked.message
+
+
+def test_a_raised_jax_error_is_translated():
+    """An error from the learner's code gets a sentence saying what it means, and the spec."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def python_if(z):
+        if z.sum() > 0:  # a Python if on a traced value
+            return z
+        return -z
+
+    r = check("welcome.softmax", python_if, quiet=True)
+    assert r.outcome == "error" and "what it means" in r.message and "jnp.where" in r.message
+    assert "docstring" in r.message
+
+    def nchw(z):
+        x = jnp.ones((1, 5, 5, 3))  # NHWC data given to the default NCHW layout
+        return jax.lax.conv_general_dilated(x, jnp.ones((3, 3, 3, 4)), (1, 1), "VALID")
+
+    r = check("welcome.softmax", nchw, quiet=True)
+    assert r.outcome == "error" and "layouts" in r.message, r.message
+
+    def shapes(z):
+        return jnp.ones((3, 4)) @ jnp.ones((5, 2))
+
+    r = check("welcome.softmax", shapes, quiet=True)
+    assert r.outcome == "error" and "shapes do not line up" in r.message, r.message

@@ -41,6 +41,7 @@ __all__ = [
     "assert_matches",
     "describe",
     "not_implemented_stub",
+    "translate_error",
 ]
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
@@ -211,11 +212,17 @@ def not_implemented_stub(*args, **kwargs):
 # --------------------------------------------------------------------------------------------
 # check
 # --------------------------------------------------------------------------------------------
-def check(exercise_id: str, fn: Callable, *, timeout: float | None = None,
+_FAILURES: dict[str, int] = {}
+
+
+def check(exercise_id: str, fn: Callable, *, hint: int = 1, timeout: float | None = None,
           quiet: bool = False) -> CheckResult:
     """Grade ``fn`` as the answer to ``exercise_id``; print the outcome and return it.
 
-    Never raises: every problem becomes an outcome with a message.
+    Never raises: every problem becomes an outcome with a message. A failure first says what is
+    wrong (which case, expected against got, the classic mistake it matches); the exercise's
+    stronger hint comes with ``hint=2``, or by itself from the second failed check of the same
+    exercise.
     """
     start = time.perf_counter()
     try:
@@ -229,8 +236,21 @@ def check(exercise_id: str, fn: Callable, *, timeout: float | None = None,
         return _finish(result, start, quiet)
 
     outcome, message = _run_with_timeout(ex, fn, ex.timeout if timeout is None else timeout)
+    if outcome == FAILED:
+        _FAILURES[ex.id] = _FAILURES.get(ex.id, 0) + 1
+        if ex.hint and (hint >= 2 or _FAILURES[ex.id] >= 2):
+            message += f"\n   hint: {ex.hint}"
+        elif ex.hint:
+            message += (f"\n   (for a hint: check({ex.id!r}, your_function, hint=2))")
+    elif outcome == ERROR:
+        message += "\n   " + _spec_pointer(ex)
     points = ex.points if outcome == PASSED else 0
     return _finish(CheckResult(ex.id, outcome, message, points, ex.points), start, quiet)
+
+
+def _spec_pointer(ex: Exercise) -> str:
+    return (f"the exercise's docstring states the shapes, dtypes and conventions "
+            f"`{ex.id}` is checked on: help(your_function) shows it")
 
 
 def _run_with_timeout(ex: Exercise, fn: Callable, timeout: float) -> tuple[str, str]:
@@ -258,10 +278,45 @@ def _run_with_timeout(ex: Exercise, fn: Callable, timeout: float) -> tuple[str, 
         return PASSED, box.get("summary", "")
     if outcome == NOT_ATTEMPTED:
         return NOT_ATTEMPTED, "the stub still raises NotImplementedError: replace it with your code"
-    message = box.get("message", "")
-    if outcome == FAILED and ex.hint:
-        message += f"\n   hint: {ex.hint}"
-    return outcome, message
+    return outcome, box.get("message", "")
+
+
+# Common JAX errors, said in a sentence: (pattern in the type name or message, explanation).
+JAX_ERRORS = [
+    (r"TracerBoolConversionError|TracerIntegerConversionError",
+     "a Python `if`, `while`, `and`/`or` or int() on a traced array: inside jit the value is not "
+     "known yet. Choose between values with jnp.where (or jax.lax.cond), and loop with "
+     "jax.lax.scan / fori_loop."),
+    (r"ConcretizationTypeError|NonConcreteBooleanIndexError",
+     "your code needs a concrete value where JAX has only a traced one (a shape, a Python bool, "
+     "boolean-mask indexing): keep shapes static and select with jnp.where instead."),
+    (r"conv_general_dilated|dimension_numbers|lhs feature dimension|rhs input feature",
+     "the convolution's layouts do not match its arrays: jax.lax.conv_general_dilated assumes "
+     "NCHW inputs and OIHW kernels unless dimension_numbers says otherwise; the spec gives the "
+     "layouts of the exercise's arrays."),
+    (r"Incompatible shapes for broadcasting|dot_general requires contracting|"
+     r"matmul.*(shape|size)|shapes? .* (do not|don't) match|size mismatch",
+     "two arrays' shapes do not line up (a product or a broadcast): print the shapes, compare "
+     "them with the shapes the spec gives, and check which axis you reduce or transpose."),
+    (r"dtype|must be (an )?integer|to integer|not a valid JAX type|float.* index|"
+     r"indices must be integers",
+     "a dtype problem: an index must be an integer array, maths on probabilities wants floats; "
+     "convert with .astype where the spec says which dtype."),
+    (r"IndexError|out of bounds|index .* is out of",
+     "an index out of range: check the first and the last position your code touches (an "
+     "off-by-one?)."),
+]
+
+
+def translate_error(e: BaseException) -> str | None:
+    """A sentence explaining a common JAX error, or ``None``."""
+    import re
+
+    text = f"{type(e).__name__}: {e}"
+    for pattern, sentence in JAX_ERRORS:
+        if re.search(pattern, text, flags=re.IGNORECASE):
+            return sentence
+    return None
 
 
 def _summarise_exception(e: BaseException) -> str:
@@ -274,7 +329,9 @@ def _summarise_exception(e: BaseException) -> str:
     first = text[0] if text else ""
     if len(first) > 300:
         first = first[:300] + "..."
-    return f"your code raised {type(e).__name__}: {first}{where}"
+    message = f"your code raised {type(e).__name__}: {first}{where}"
+    said = translate_error(e)
+    return message + (f"\n   what it means: {said}" if said else "")
 
 
 def _finish(result: CheckResult, start: float, quiet: bool) -> CheckResult:
