@@ -5,10 +5,19 @@ r"""One compact training loop for every chapter: Flax NNX + Optax, compiled once
 compiled code too), so Python is visited once per chunk, not once per step, and nothing retraces.
 Between chunks it evaluates, updates a progress bar and keeps the parameters with the best
 validation score: models are selected on validation loss, and budgets are counted in steps.
+
+**Every core at work.** At this course's sizes XLA runs a training step on one core. ``fit``
+therefore trains data-parallel over the host's devices (``import arcourse`` gives JAX one CPU
+device per core, unless the user set a count): a ``Mesh`` over the devices, each batch split
+along its first axis, parameters and optimiser state replicated, gradients averaged by XLA. The
+computation is the same as on one device (the same batches, the same steps; only the order of
+the floating-point sums differs), so the numbers are too. A batch whose leaves do not all divide
+evenly by the device count runs on one device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -21,7 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-__all__ = ["History", "fit", "progress_bar"]
+from arcourse._checks import check_int
+
+__all__ = ["History", "fit", "progress_bar", "data_parallel_devices", "use_every_core"]
 
 
 @dataclass
@@ -36,6 +47,15 @@ class History:
     best_value: float | None = None
     select_on: str | None = None
     seconds: float = 0.0
+    chunk_seconds: list[float] = field(default_factory=list)
+    devices: int = 1
+
+    @property
+    def compile_seconds(self) -> float:
+        """About how long compilation took: the first chunk's time beyond a typical later one."""
+        if len(self.chunk_seconds) < 2:
+            return float("nan")
+        return max(0.0, self.chunk_seconds[0] - float(np.median(self.chunk_seconds[1:])))
 
     def last(self, metric: str) -> float:
         return self.evals[metric][-1]
@@ -94,6 +114,62 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, mininterval=0.5)
 
 
+def data_parallel_devices(batch_example, devices=None) -> list:
+    """The devices ``fit`` splits a batch over: ``devices`` (default: every device of JAX's
+    default backend), or just the first one when some leaf of ``batch_example`` (arrays or
+    ``jax.ShapeDtypeStruct``) has no leading axis divisible by their number."""
+    if isinstance(devices, bool) or not (devices is None or isinstance(devices, int | np.integer)
+                                         or hasattr(devices, "__len__")):
+        raise ValueError(f"devices must be None, an integer >= 1 or a list of devices, "
+                         f"got {devices!r}")
+    if devices is None:
+        devices = jax.devices()
+    elif isinstance(devices, int | np.integer):
+        n = check_int("devices", devices)
+        if n > len(jax.devices()):
+            raise ValueError(f"devices={n} but JAX has {len(jax.devices())}: {jax.devices()}")
+        devices = jax.devices()[:n]
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices must name at least one device")
+    leaves = jax.tree.leaves(batch_example)
+    for n in range(len(devices), 1, -1):  # the most devices that split every leaf evenly
+        if all(len(x.shape) and x.shape[0] % n == 0 for x in leaves):
+            return devices[:n]
+    return devices[:1]
+
+
+def use_every_core(count: int | None = None) -> int | None:
+    """Give JAX one CPU device per core (at most 8), so that :func:`fit` can use them all.
+
+    Must run before JAX computes anything (``import arcourse`` calls it). It never overrides a
+    choice already made: a count set with ``jax.config.update("jax_num_cpu_devices", n)`` or
+    the XLA flag ``--xla_force_host_platform_device_count``, or JAX already running. The
+    environment variable ``ARCOURSE_CPU_DEVICES`` sets the count (``1``: one device). Returns the
+    count it set, or ``None`` when it left JAX alone.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if jax.config.jax_num_cpu_devices != -1:  # -1: nobody chose yet
+        return None
+    if count is None:
+        env = os.environ.get("ARCOURSE_CPU_DEVICES", "").strip()
+        if env:
+            count = check_int("ARCOURSE_CPU_DEVICES", int(env))
+        else:
+            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                     else os.cpu_count() or 1)
+            count = min(cores, 8)
+    count = check_int("count", count)
+    if count <= 1:
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has already started: too late, leave it as it is
+        return None
+    return count
+
+
 def _set_mode(model, train: bool):
     fn = getattr(model, "train" if train else "eval", None)
     if callable(fn):
@@ -111,6 +187,7 @@ def fit(
     eval_every: int | None = None,
     select_on: str | None = "loss",
     seed: int = 0,
+    devices=None,
     desc: str = "training",
     progress: bool = True,
     verbose: bool = True,
@@ -128,12 +205,12 @@ def fit(
       select_on: the ``eval_fn`` metric to minimise; the model ends with the parameters of the
         best evaluation (early stopping on validation loss). ``None`` keeps the final parameters.
       seed: the seed of the batch sampling.
+      devices: the devices to train data-parallel on: ``None`` (default) every device of the
+        default backend, an integer for the first ``n``, or a list; see
+        :func:`data_parallel_devices`.
     """
-    if not isinstance(steps, int | np.integer) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    chunk = int(eval_every or max(1, steps // 10))
-    if chunk < 1:
-        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+    steps = check_int("steps", steps)
+    chunk = max(1, steps // 10) if eval_every is None else check_int("eval_every", eval_every)
     if eval_fn is None:
         select_on = None
 
@@ -143,9 +220,21 @@ def fit(
     _set_mode(model, train=True)
     train_graph, state = nnx.split((model, optimizer))
 
+    devs = data_parallel_devices(jax.eval_shape(sample_batch, jax.random.key(0)), devices)
+    if len(devs) > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devs), ("data",))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        state = jax.device_put(state, replicated)
+        shard = lambda batch: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, split),
+                                           batch)
+        chunk_out = (replicated, replicated)
+    else:
+        shard, chunk_out = (lambda batch: batch), None
+
     def train_step(state, key):
         m, opt = nnx.merge(train_graph, state)
-        loss, grads = nnx.value_and_grad(loss_fn)(m, sample_batch(key))
+        loss, grads = nnx.value_and_grad(loss_fn)(m, shard(sample_batch(key)))
         opt.update(m, grads)
         return nnx.split((m, opt))[1], loss
 
@@ -158,7 +247,7 @@ def fit(
                             lambda s, _: (s, jnp.zeros(loss_type.shape, loss_type.dtype)),
                             state, key)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=chunk_out)
     def run_chunk(state, keys, active):
         return jax.lax.scan(one_step, state, (keys, active))
 
@@ -167,13 +256,14 @@ def fit(
         m, _ = nnx.merge(eval_graph, state)
         return {k: jnp.asarray(v, jnp.float32) for k, v in eval_fn(m).items()}
 
-    hist = History(select_on=select_on)
+    hist = History(select_on=select_on, devices=len(devs))
     best_state = None
     key = jax.random.key(seed)
     start = time.perf_counter()
     bar = progress_bar(steps, desc) if progress else None
     done = 0
     while done < steps:
+        chunk_start = time.perf_counter()
         n = min(chunk, steps - done)
         key, sub = jax.random.split(key)
         keys = jax.random.split(sub, n)
@@ -203,13 +293,17 @@ def fit(
                 v = metrics[select_on]
                 if hist.best_value is None or v < hist.best_value or math.isnan(hist.best_value):
                     hist.best_value, hist.best_step, best_state = v, done, state
+        hist.chunk_seconds.append(time.perf_counter() - chunk_start)
         if bar is not None:
             bar.update(n)
             bar.set_postfix(postfix, refresh=False)
     if bar is not None:
         bar.close()
     hist.seconds = time.perf_counter() - start
-    nnx.update((model, optimizer), best_state if best_state is not None else state)
+    final = best_state if best_state is not None else state
+    if len(devs) > 1:  # back on one device, as the model came in
+        final = jax.device_put(final, devs[0])
+    nnx.update((model, optimizer), final)
     _set_mode(model, train=False)
     if verbose:
         print(f"{desc}: {hist.summary()}")

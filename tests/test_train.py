@@ -70,6 +70,11 @@ def test_fit_names_bad_arguments():
     _, _, loss_fn, sample, eval_fn = _setup()
     with pytest.raises(ValueError, match="steps"):
         train.fit(Bigram(5, nnx.Rngs(0)), optax.adam(0.1), loss_fn, sample, steps=0)
+    with pytest.raises(ValueError, match="steps must be an integer"):  # a bool is not an integer
+        train.fit(Bigram(5, nnx.Rngs(0)), optax.adam(0.1), loss_fn, sample, steps=True)
+    with pytest.raises(ValueError, match="eval_every"):
+        train.fit(Bigram(5, nnx.Rngs(0)), optax.adam(0.1), loss_fn, sample, steps=10,
+                  eval_every=True)
     with pytest.raises(KeyError, match="select_on"):
         train.fit(Bigram(5, nnx.Rngs(0)), optax.adam(0.1), loss_fn, sample, steps=10,
                   eval_fn=eval_fn, select_on="accuracy", progress=False)
@@ -81,3 +86,37 @@ def test_divergence_is_reported():
         train.fit(Bigram(5, nnx.Rngs(0)), optax.sgd(0.1), lambda m, b: loss_fn(m, b) * jnp.nan,
                   sample, steps=20,
                   progress=False, verbose=False)
+
+
+def test_data_parallel_training_equals_one_device():
+    """`import arcourse` gives JAX one CPU device per core; fit splits each batch over them. The
+    same steps on the same batches end at the same parameters, to float tolerance."""
+    import jax
+
+    if len(jax.devices()) < 2:
+        pytest.skip("one device only (JAX started before arcourse could add devices)")
+    _, _, loss_fn, sample, eval_fn = _setup()
+    runs = []
+    for devices in (1, None):
+        m = Bigram(5, nnx.Rngs(0))
+        h = train.fit(m, optax.adam(0.05), loss_fn, sample, steps=60, eval_fn=eval_fn,
+                      eval_every=20, devices=devices, progress=False, verbose=False)
+        runs.append((h, np.asarray(m.table.embedding[...])))
+        assert list(m.table.embedding[...].devices()) == [jax.devices()[0]]  # back on one device
+    (h1, w1), (hn, wn) = runs
+    assert h1.devices == 1 and hn.devices == min(len(jax.devices()), 16)
+    np.testing.assert_allclose(wn, w1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(hn.train_loss, h1.train_loss, rtol=1e-4)
+
+
+def test_a_batch_that_does_not_divide_falls_back_cleanly():
+    import jax
+
+    shapes = (jax.ShapeDtypeStruct((6, 4), np.int32), jax.ShapeDtypeStruct((6,), np.int32))
+    devs = [object()] * 4  # stand-ins: only their number matters here
+    assert len(train.data_parallel_devices(shapes, devs)) == 3  # the most that divide 6
+    assert len(train.data_parallel_devices((jax.ShapeDtypeStruct((7, 2), np.int32),), devs)) == 1
+    assert len(train.data_parallel_devices((jax.ShapeDtypeStruct((), np.int32),), devs)) == 1
+    with pytest.raises(ValueError, match="devices"):
+        train.fit(Bigram(5, nnx.Rngs(0)), optax.adam(0.1), lambda m, b: 0.0, lambda k: (),
+                  steps=1, devices=True)
