@@ -75,7 +75,16 @@ def run_verify(chapters: list[str] | None = None) -> int:
             report = Path(tmp) / "claims.jsonl"
             print(f"running {ipynb.relative_to(ROOT)} in full mode ...", flush=True)
             seconds, error = run_chapter(ipynb, report)
-            claims = [json.loads(x) for x in report.read_text().splitlines()] if report.exists() else []
+            records = ([json.loads(x) for x in report.read_text().splitlines()]
+                       if report.exists() else [])
+        claims = [r for r in records if r.get("kind", "claim") == "claim"]
+        fits = [r for r in records if r.get("kind") == "fit"]
+        if fits:
+            train_s = sum(r["seconds"] for r in fits)
+            compile_s = sum(r["compile_seconds"] or 0.0 for r in fits)
+            print(f"  training: {len(fits)} fit runs, {train_s:.0f} s, of which about "
+                  f"{compile_s:.0f} s compiling (first chunk beyond a typical one); devices "
+                  f"{sorted({r['devices'] for r in fits})}", flush=True)
         in_time = seconds <= TIME_BUDGET_S
         ok &= in_time and not error and all(c["ok"] for c in claims)
         rows.append((md.stem, "run time", f"{seconds:.0f} s", f"<= {TIME_BUDGET_S} s",
