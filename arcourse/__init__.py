@@ -12,3 +12,25 @@ has already started) so that training runs data-parallel on every core: see
 from arcourse.train import use_every_core as _use_every_core
 
 _use_every_core()
+
+
+def _persistent_compilation_cache() -> None:
+    """Keep compiled programs between sessions (JAX's persistent compilation cache), so that a
+    chapter re-run starts without recompiling: in ``$ARCOURSE_CACHE_DIR``, by default
+    ``~/.cache/arcourse/jax``. A cache directory the user chose is left as it is."""
+    import os
+
+    import jax
+
+    if jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    path = os.environ.get("ARCOURSE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "arcourse", "jax")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+_persistent_compilation_cache()
