@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from arcourse._checks import check_int
+
 __all__ = ["context_ids", "count_transitions", "smoothed_conditional", "NGramCounts"]
 
 
@@ -117,8 +119,11 @@ class NGramCounts:
             c = c * self.vocab_size + int(x)
         return np.exp(self.tables[j][c])
 
-    def sample(self, length: int, seed: int = 0, prefix=()) -> np.ndarray:
-        """Ancestral sampling: draw each symbol from its conditional given those before it."""
+    def sample(self, seed, length: int, prefix=()) -> np.ndarray:
+        """Ancestral sampling of ``length`` symbols after ``prefix``: each from its conditional
+        given those before it. ``seed`` comes first, as the key of every sampler of the course
+        does: an integer or a ``numpy.random.Generator``. Returns int32[length]."""
+        length = check_int("length", length)
         rng = np.random.default_rng(seed)
         seq = list(np.asarray(prefix, dtype=np.int64))
         cdfs = np.cumsum(np.exp(self.log_probs), axis=1)

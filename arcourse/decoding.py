@@ -370,8 +370,7 @@ def _decode_step(model, settings, carry, key):
     """Draw one token from the processed logits, feed it back: the body of the decoding loop."""
     state, logits, presence = carry
     z = _process(logits, presence, settings)  # already divided by the temperature
-    drawn = jax.random.categorical(key, z, axis=-1)
-    tokens = jnp.where(settings.temperature > 0, drawn, jnp.argmax(z, axis=-1)).astype(jnp.int32)
+    tokens = sample_token(key, z, (settings.temperature > 0).astype(jnp.float32))  # 0: greedy
     presence = presence | jax.nn.one_hot(tokens, logits.shape[-1], dtype=jnp.bool_)
     logits, state = model.step(state, tokens)
     return (state, logits.astype(jnp.float32), presence), tokens

@@ -26,6 +26,8 @@ import math
 
 import numpy as np
 
+from arcourse._checks import check_int
+
 __all__ = ["KneserNey", "AddK", "ngram_keys"]
 
 
@@ -41,10 +43,8 @@ def _check_tokens(tokens, vocab_size, name="tokens"):
 
 
 def _check_order(order, vocab_size):
-    if not isinstance(order, int | np.integer) or isinstance(order, bool) or order < 1:
-        raise ValueError(f"order must be an integer >= 1, got {order!r}")
-    if not isinstance(vocab_size, int | np.integer) or vocab_size < 2:
-        raise ValueError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+    check_int("order", order)
+    check_int("vocab_size", vocab_size, 2)
     if order * math.log2(vocab_size) >= 62:
         raise ValueError(f"order={order} is too large for vocab_size={vocab_size}: "
                          "an n-gram must fit in one int64 key")
@@ -151,14 +151,18 @@ class _NGramBase:
                 grams[m] = np.full(V, -1, np.int64)
         return self._probs(grams)
 
-    def sample(self, prompt, num_tokens: int, seed: int = 0) -> np.ndarray:
-        """Ancestral sampling of ``num_tokens`` symbols after ``prompt`` (a Python loop)."""
-        if not isinstance(num_tokens, int | np.integer) or num_tokens < 1:
-            raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
+    def sample(self, seed, length: int, prefix=()) -> np.ndarray:
+        """Ancestral sampling of ``length`` symbols after ``prefix`` (a Python loop).
+
+        ``seed`` comes first, as the key of every sampler of the course does: an integer or a
+        ``numpy.random.Generator`` (then it is drawn from, and advances). Returns int32[length].
+        """
+        length = check_int("length", length)
         rng = np.random.default_rng(seed)
-        seq = list(_check_tokens(prompt, self.vocab_size, "prompt"))
+        seq = list(_check_tokens(np.asarray(prefix, np.int64) if len(prefix) == 0 else prefix,
+                                 self.vocab_size, "prefix"))
         out = []
-        for _ in range(num_tokens):
+        for _ in range(length):
             p = self.next_distribution(np.asarray(seq, np.int64))
             w = int(rng.choice(self.vocab_size, p=p / p.sum()))
             seq.append(w)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from arcourse._checks import check_int
+
 __all__ = [
     "log_softmax",
     "naive_log_softmax",
@@ -197,12 +199,16 @@ def warmup_cosine(step, *, peak: float, warmup_steps: int, total_steps: int,
 
 def make_optimizer(peak_lr: float, total_steps: int, *, warmup_steps: int = 0,
                    final_lr: float = 0.0, clip_norm: float | None = 1.0,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, init_lr: float = 0.0) -> optax.GradientTransformation:
     """The course's optimiser: global-norm clipping (if ``clip_norm``), then Adam with decoupled
-    weight decay (AdamW; ``weight_decay=0`` is plain Adam) on the :func:`warmup_cosine` schedule."""
+    weight decay (AdamW; ``weight_decay=0`` is plain Adam) on the :func:`warmup_cosine` schedule:
+    a linear warm-up from ``init_lr`` to ``peak_lr`` over ``warmup_steps``, then a cosine decay to
+    ``final_lr`` at ``total_steps`` (``final_lr = peak_lr``: a constant rate)."""
     if not peak_lr > 0:
         raise ValueError(f"peak_lr must be > 0, got {peak_lr!r}")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps,
+    total_steps = check_int("total_steps", total_steps)
+    warmup_steps = check_int("warmup_steps", warmup_steps, 0, total_steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(init_lr, peak_lr, warmup_steps, total_steps,
                                                   final_lr)
     parts = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
     parts.append(optax.adamw(schedule, weight_decay=weight_decay))

@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from arcourse._checks import check_int
+
 __all__ = [
     "LN2",
     "nll_from_logits",
@@ -24,6 +26,7 @@ __all__ = [
     "bits_per_symbol",
     "entropy",
     "accuracy",
+    "eval_windows",
 ]
 
 LN2 = math.log(2.0)
@@ -83,3 +86,24 @@ def entropy(probs: jax.Array, axis: int = -1) -> jax.Array:
 def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Fraction of positions where the most likely symbol is the target."""
     return jnp.mean(jnp.argmax(logits, axis=-1) == targets)
+
+
+def eval_windows(tokens, length: int, num: int | None = None):
+    r"""Held-out text cut into ``num`` consecutive windows for evaluation: ``(inputs, targets)``,
+    each int[num, length], with ``targets[i, t] = inputs[i, t + 1]`` across window ends, i.e.
+    ``inputs[i, t]`` $= x_{i L + t}$ and ``targets[i, t]`` $= x_{i L + t + 1}$ ($L$ = ``length``).
+
+    ``num`` defaults to every whole window that fits, $\lfloor (N - 1) / L \rfloor$ of a text of
+    $N$ symbols (the last window needs one symbol more, its last target).
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be a 1-D sequence of symbols, got shape {tokens.shape}")
+    length = check_int("length", length)
+    most = (tokens.shape[0] - 1) // length
+    num = most if num is None else check_int("num", num, 1, most)
+    if num < 1:
+        raise ValueError(f"tokens hold {tokens.shape[0]} symbols: too few for one window of "
+                         f"length {length} and its targets")
+    n = num * length
+    return tokens[:n].reshape(num, length), tokens[1 : n + 1].reshape(num, length)

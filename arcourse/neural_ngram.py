@@ -23,16 +23,15 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from arcourse._checks import check_int
 
 __all__ = ["NeuralNGram", "context_windows", "sample"]
 
 
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return check_int(name, value, 1)
 
 
 def context_windows(tokens: jax.Array, context: int, pad_id: int) -> jax.Array:
@@ -115,7 +114,7 @@ def _sample(graphdef, state, key, temperature, *, batch_size: int, length: int):
     return xs.T, lps.T
 
 
-def sample(model: NeuralNGram, key: jax.Array, batch_size: int, length: int, *,
+def sample(key: jax.Array, model: NeuralNGram, batch_size: int, length: int, *,
            temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     r"""Free-running generation: draw $x_{t+1} \sim p_\theta(\cdot \mid x_{t-n+1:t})$ and feed it back.
 

@@ -419,7 +419,7 @@ def independent_pixel_bpd(train: np.ndarray, test: np.ndarray, levels: int = 17,
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
-def sample_pixel(logits: jax.Array, canvas: jax.Array, index, key: jax.Array,
+def sample_pixel(key: jax.Array, logits: jax.Array, canvas: jax.Array, index,
                  temperature=1.0) -> jax.Array:
     r"""One step of ancestral sampling: draw pixel ``index`` (raster order, $r = i // W$,
     $c = i \bmod W$) of every image from $\mathrm{softmax}(z_{rc} / T)$ and write it into
@@ -441,13 +441,13 @@ def _sample_loop(graphdef, state, key, canvas, labels, start, temperature):
     def body(i, carry):
         canvas, key = carry
         key, sub = jax.random.split(key)
-        return sample_pixel(model(canvas, labels), canvas, i, sub, temperature), key
+        return sample_pixel(sub, model(canvas, labels), canvas, i, temperature), key
 
     canvas, _ = jax.lax.fori_loop(start, H * W, body, (canvas, key))
     return canvas
 
 
-def sample(model, key: jax.Array, *, num: int | None = None, shape=(8, 8), labels=None,
+def sample(key: jax.Array, model, *, num: int | None = None, shape=(8, 8), labels=None,
            canvas=None, start: int = 0, temperature: float = 1.0) -> jax.Array:
     r"""Ancestral sampling of whole images inside one compiled ``fori_loop``.
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from arcourse._checks import check_int
+from arcourse.decoding import sample_token
 
 __all__ = [
     "rnn_step",
@@ -45,7 +46,6 @@ __all__ = [
     "python_unroll",
     "sample_loop",
     "input_gradient_norms",
-    "char_lm_loss",
 ]
 
 
@@ -253,10 +253,11 @@ class CharRNN(nnx.Module):
             return self.cell.project_tokens(tokens)
         return self.cell.project(self.embed(tokens))
 
-    def step(self, carry, tokens):
-        """Read one token per sequence: ``tokens`` int32[B] -> (logits float32[B, V], new carry)."""
-        carry = self.cell.recur(carry, self._project(tokens))
-        return self.out(self.cell.output(carry)), carry
+    def step(self, state, tokens):
+        """Read one token per sequence: ``tokens`` int32[B] -> (logits float32[B, V], new state).
+        The state is the cell's carry."""
+        state = self.cell.recur(state, self._project(tokens))
+        return self.out(self.cell.output(state)), state
 
     def scan(self, tokens, carry=None):
         """Teacher forcing from ``carry`` (zero by default): int32[B, T] -> (logits [B, T, V], carry)."""
@@ -271,14 +272,6 @@ class CharRNN(nnx.Module):
     def __call__(self, tokens):
         """Logits for every position, int32[B, T] -> float32[B, T, V]; position t predicts t+1."""
         return self.scan(tokens)[0]
-
-
-def char_lm_loss(model, batch):
-    """Mean NLL (nats) of the next character: ``batch = (inputs, targets)``, both int32[B, T]."""
-    from arcourse.metrics import nll_from_logits
-
-    x, y = batch
-    return nll_from_logits(model(x), y)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,8 +289,7 @@ def sample_loop(step_fn, carry, logits, keys, temperature=1.0):
 
     def body(state, key_t):
         carry, logits = state
-        drawn = jax.random.categorical(key_t, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-        tok = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+        tok = sample_token(key_t, logits, temperature)
         logits, carry = step_fn(carry, tok)
         return (carry, logits), tok
 

@@ -1,7 +1,8 @@
 """Generation speed: one compiled ``lax.scan`` against the same step called from Python.
 
-Both decode with the same compiled per-token function (sample with every processor switched on,
-then one model step) and the same keys, so they produce the same tokens (checked here, and by
+Both decode a ``CharRNN`` through the course's decoding interface with the same compiled
+per-token function (sample with every processor switched on, then one ``model.step``) and the
+same keys, so they produce the same tokens (checked here, and by
 ``tests/test_decoding.py``). The compiled loop pays one dispatch for the whole text; the Python
 loop pays one per token. Run: ``python benchmarks/bench_generate.py`` (prints the ratio).
 """
@@ -41,13 +42,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     model = CharRNN(args.vocab, args.hidden, cell="lstm", rngs=nnx.Rngs(0))
-    step_fn, state = dec.module_step_fn(model, args.batch)
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, args.vocab, (args.batch, 16)),
                          jnp.int32)
     settings = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.1)
     key = jax.random.key(0)
-    scan = lambda: dec.generate(step_fn, state, prompt, args.tokens, key, **settings)
-    loop = lambda: dec.generate_python_loop(step_fn, state, prompt, args.tokens, key, **settings)
+    scan = lambda: dec.generate(model, prompt, args.tokens, key, **settings)
+    loop = lambda: dec.generate_python_loop(model, prompt, args.tokens, key, **settings)
     scan(), loop()  # compile both (not timed)
     t_scan, a = timed(scan, args.repeats)
     t_loop, b = timed(loop, args.repeats)

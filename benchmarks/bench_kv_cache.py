@@ -3,11 +3,12 @@
     python benchmarks/bench_kv_cache.py [--tokens 512] [--prompt 16] [--repeats 3]
 
 Both decoders run inside the same compiled loop (``arcourse.decoding.generate``); they differ
-only in their step function. The uncached one reruns the whole forward pass over a fixed window
-of ``prompt + tokens`` positions at every step (the causal mask hides the not-yet-written
-positions), the cached one computes the new token's queries, keys and values and attends over
-the stored keys and values. Compilation is excluded (one warm-up call each); the time is the
-best of ``--repeats`` calls. Greedy decoding, so both must also produce the same tokens.
+only in their ``step``: the GPT itself (its state is a KV cache) and ``gpt.UncachedGPT``. The
+uncached one reruns the whole forward pass over a fixed window of ``prompt + tokens`` positions
+at every step (the causal mask hides the not-yet-written positions), the cached one computes the
+new token's queries, keys and values and attends over the stored keys and values. Compilation is
+excluded (one warm-up call each); the time is the best of ``--repeats`` calls. Greedy decoding,
+so both must also produce the same tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from arcourse.decoding import generate
-from arcourse.gpt import GPT, GPTConfig, kv_cache_decoder, uncached_decoder
+from arcourse.gpt import GPT, GPTConfig, UncachedGPT
 
 
 def best_time(fn, repeats: int) -> float:
@@ -53,12 +54,10 @@ def main(argv=None):
     key = jax.random.key(1)
     out = {}
 
-    def run(make):
-        step, prefill, state = make(model, a.batch, max_len)
-        return lambda: generate(step, state, prompt, a.tokens, key, temperature=0.0,
-                                prefill_fn=prefill)
+    def run(decoder):
+        return lambda: generate(decoder, prompt, a.tokens, key, temperature=0.0, max_len=max_len)
 
-    fns = {"cached": run(kv_cache_decoder), "uncached": run(uncached_decoder)}
+    fns = {"cached": run(model), "uncached": run(UncachedGPT(model))}
     times = {name: best_time(fn, a.repeats) for name, fn in fns.items()}
     for name, fn in fns.items():
         out[name] = np.asarray(fn())

@@ -221,3 +221,10 @@ def test_layer_arguments_are_validated():
 def test_kv_cache_bytes_formula():
     assert A.kv_cache_bytes_per_token(12, 12, 64, 2) == 36_864  # GPT-2 small in bf16
     assert A.kv_cache_bytes_per_token(32, 8, 128, 2) == 131_072  # Llama-3-8B: 32 layers, 8 KV heads
+
+
+def test_a_bool_is_not_an_integer():
+    with pytest.raises(ValueError, match="size"):
+        A.causal_mask(True)
+    with pytest.raises(ValueError, match="num_heads"):
+        A.CausalSelfAttention(8, True, rngs=nnx.Rngs(0))

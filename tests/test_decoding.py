@@ -6,11 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 from arcourse import decoding as dec
+from arcourse.gpt import GPT, GPTConfig
+from arcourse.rnn import CharRNN
 
 # Probabilities exact in binary: softmax(log p) gives them back exactly, and every partial sum
 # is exact, so the boundaries of top-p and min-p can be tested with equality.
@@ -168,7 +171,7 @@ def test_temperature_must_be_positive_and_zero_is_greedy():
     toks = jax.vmap(lambda k: dec.sample_token(k, z, 0.0))(keys)
     assert np.all(np.asarray(toks) == 2)
     with pytest.raises(ValueError, match="temperature"):
-        dec.generate(const_step(z), None, jnp.zeros((1, 1), jnp.int32), 3, jax.random.key(0),
+        dec.generate(ConstModel(z), jnp.zeros((1, 1), jnp.int32), 3, jax.random.key(0),
                      temperature=-0.1)
 
 
@@ -182,19 +185,29 @@ def test_argument_errors_name_the_argument():
         with pytest.raises(ValueError, match=name):
             fn(*args)
     with pytest.raises(ValueError, match="prompt"):
-        dec.generate(const_step(z), None, jnp.zeros((2,), jnp.int32), 3, jax.random.key(0))
+        dec.generate(ConstModel(z), jnp.zeros((2,), jnp.int32), 3, jax.random.key(0))
     with pytest.raises(ValueError, match="num_tokens"):
-        dec.generate(const_step(z), None, jnp.zeros((1, 2), jnp.int32), 0, jax.random.key(0))
+        dec.generate(ConstModel(z), jnp.zeros((1, 2), jnp.int32), 0, jax.random.key(0))
 
 
 # ---- sampling matches the filtered distribution (chi-square) ---------------------------------
-def const_step(logits):
-    logits = jnp.asarray(logits, jnp.float32)
+class ConstModel(nnx.Module):
+    """A decoder whose next-token logits are always ``logits`` (V,), whatever it has read."""
 
-    def step(state, tokens):
-        return jnp.broadcast_to(logits, (tokens.shape[0], logits.shape[-1])), state
+    def __init__(self, logits):
+        self.logits = nnx.Variable(jnp.asarray(logits, jnp.float32))
 
-    return step
+    def init_state(self, batch_size, max_len):
+        return jnp.zeros((batch_size,), jnp.int32)
+
+    def _out(self, batch_size):
+        return jnp.broadcast_to(self.logits[...], (batch_size, self.logits.shape[-1]))
+
+    def prefill(self, state, prompt):
+        return self._out(prompt.shape[0]), state
+
+    def step(self, state, tokens):
+        return self._out(tokens.shape[0]), state
 
 
 @pytest.mark.parametrize("kw", [
@@ -208,7 +221,7 @@ def test_sample_frequencies_match_filtered_distribution(kw):
     z = jnp.asarray(np.random.default_rng(1).normal(size=8).astype(np.float32) * 1.5)
     want = np.asarray(dec.filtered_probs(z, **kw), np.float64)
     want /= want.sum()
-    toks = dec.generate(const_step(z), None, jnp.zeros((4000, 1), jnp.int32), 5,
+    toks = dec.generate(ConstModel(z), jnp.zeros((4000, 1), jnp.int32), 5,
                         jax.random.key(7), **kw)
     counts = np.bincount(np.asarray(toks).ravel(), minlength=8)
     assert np.all(counts[want == 0] == 0), "a filtered-out token was sampled"
@@ -220,10 +233,10 @@ def test_sample_frequencies_match_filtered_distribution(kw):
 def test_repetition_penalty_in_generate_uses_prompt_and_samples():
     # Two tokens with equal logits 1.0; greedy picks token 0, then the penalty turns it away.
     z = jnp.asarray([1.0, 1.0, -5.0])
-    toks = dec.generate(const_step(z), None, jnp.asarray([[2]]), 3, jax.random.key(0),
+    toks = dec.generate(ConstModel(z), jnp.asarray([[2]]), 3, jax.random.key(0),
                         temperature=0.0, repetition_penalty=1.5)
     assert np.asarray(toks).tolist() == [[0, 1, 0]]  # both seen: equal again, first wins
-    toks = dec.generate(const_step(z), None, jnp.asarray([[0]]), 1, jax.random.key(0),
+    toks = dec.generate(ConstModel(z), jnp.asarray([[0]]), 1, jax.random.key(0),
                         temperature=0.0, repetition_penalty=1.5)
     assert np.asarray(toks).tolist() == [[1]]  # token 0 is in the prompt
 
@@ -232,72 +245,116 @@ def test_repetition_penalty_in_generate_uses_prompt_and_samples():
 V, H = 3, 5
 
 
-def tiny_model(seed=0):
-    r = np.random.default_rng(seed)
-    E = jnp.asarray(r.normal(size=(V, H)), jnp.float32)
-    Wh = jnp.asarray(r.normal(size=(H, H)) * 0.9, jnp.float32)
-    U = jnp.asarray(r.normal(size=(H, V)) * 2.0, jnp.float32)
+class TinyRNN(nnx.Module):
+    """h_t = tanh(h_{t-1} W + E[x_t]), logits U h_t: a decoder whose prompt is read step by step."""
 
-    def step(h, tokens):
-        h = jnp.tanh(h @ Wh + E[tokens])
-        return h @ U, h
+    def __init__(self, seed=0):
+        r = np.random.default_rng(seed)
+        self.E = nnx.Param(jnp.asarray(r.normal(size=(V, H)), jnp.float32))
+        self.Wh = nnx.Param(jnp.asarray(r.normal(size=(H, H)) * 0.9, jnp.float32))
+        self.U = nnx.Param(jnp.asarray(r.normal(size=(H, V)) * 2.0, jnp.float32))
+
+    def init_state(self, batch_size, max_len):
+        return jnp.zeros((batch_size, H))
+
+    def prefill(self, state, prompt):
+        return dec.prefill_by_steps(self, state, prompt)
+
+    def step(self, h, tokens):
+        h = jnp.tanh(h @ self.Wh[...] + self.E[...][tokens])
+        return h @ self.U[...], h
+
+
+def tiny_model(seed=0):
+    """The model and an exact log-probability, computed one token at a time in Python."""
+    model = TinyRNN(seed)
 
     def log_prob(prompt, seq):
         h = jnp.zeros((H,))
         for t in prompt:
-            logits, h = step(h, jnp.asarray(t))
+            logits, h = model.step(h, jnp.asarray(t))
         total = 0.0
         for t in seq:
             total += float(jax.nn.log_softmax(logits)[t])
-            logits, h = step(h, jnp.asarray(t))
+            logits, h = model.step(h, jnp.asarray(t))
         return total
 
-    return step, log_prob
+    return model, log_prob
 
 
 def test_generate_compiled_equals_python_loop_at_fixed_seed():
-    step, _ = tiny_model()
+    model, _ = tiny_model()
     prompt = jnp.asarray([[0, 1], [2, 2]], jnp.int32)
     kw = dict(temperature=0.9, top_k=2, top_p=0.95, repetition_penalty=1.2)
-    a = dec.generate(step, jnp.zeros((2, H)), prompt, 40, jax.random.key(3), **kw)
-    b = dec.generate_python_loop(step, jnp.zeros((2, H)), prompt, 40, jax.random.key(3), **kw)
+    a = dec.generate(model, prompt, 40, jax.random.key(3), **kw)
+    b = dec.generate_python_loop(model, prompt, 40, jax.random.key(3), **kw)
     assert a.shape == (2, 40) and a.dtype == jnp.int32
     np.testing.assert_array_equal(a, b)
 
 
-def test_generate_compiles_once_for_any_settings():
-    traces = []
+TRACES = []
 
-    def step(h, tokens):
-        traces.append(1)
-        return tiny_model()[0](h, tokens)
 
+class CountingRNN(TinyRNN):
+    def step(self, h, tokens):
+        TRACES.append(1)
+        return super().step(h, tokens)
+
+
+def test_generate_compiles_once_for_any_settings_and_parameters():
     prompt = jnp.zeros((2, 3), jnp.int32)
+    TRACES.clear()
     for kw in [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.5, top_k=2),
                dict(top_p=0.5, min_p=0.2, repetition_penalty=1.3)]:
-        dec.generate(step, jnp.zeros((2, H)), prompt, 10, jax.random.key(0), **kw)
-    n = len(traces)
-    dec.generate(step, jnp.zeros((2, H)), prompt, 10, jax.random.key(1), temperature=2.0)
-    assert len(traces) == n and n <= 3  # eval_shape + prefill + loop body, once
+        dec.generate(CountingRNN(0), prompt, 10, jax.random.key(0), **kw)
+    n = len(TRACES)
+    dec.generate(CountingRNN(1), prompt, 10, jax.random.key(1), temperature=2.0)
+    assert len(TRACES) == n and n <= 3  # eval_shape + prefill + loop body, once
 
 
-def test_custom_prefill_is_used():
-    step, _ = tiny_model()
+PREFILLS = []
 
-    def prefill(h, prompt):  # reads the prompt in one go, like a transformer would
-        return dec.default_prefill(step)(h, prompt)
 
-    a = dec.generate(step, jnp.zeros((1, H)), jnp.asarray([[1, 2]]), 8, jax.random.key(0))
-    b = dec.generate(step, jnp.zeros((1, H)), jnp.asarray([[1, 2]]), 8, jax.random.key(0),
-                     prefill_fn=prefill)
+class OneGoPrefill(TinyRNN):
+    def prefill(self, state, prompt):  # reads the prompt its own way, as a transformer would
+        PREFILLS.append(1)
+        for t in range(prompt.shape[1]):
+            logits, state = self.step(state, prompt[:, t])
+        return logits, state
+
+
+def test_the_models_own_prefill_is_used():
+    a = dec.generate(TinyRNN(0), jnp.asarray([[1, 2]]), 8, jax.random.key(0))
+    b = dec.generate(OneGoPrefill(0), jnp.asarray([[1, 2]]), 8, jax.random.key(0))
+    assert PREFILLS
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_model_without_the_interface_is_refused():
+    class NoStep(nnx.Module):
+        def init_state(self, batch_size, max_len):
+            return jnp.zeros((batch_size,))
+
+        def prefill(self, state, prompt):
+            return jnp.zeros((prompt.shape[0], 3)), state
+
+    with pytest.raises(TypeError, match="step"):
+        dec.generate(NoStep(), jnp.zeros((1, 2), jnp.int32), 3, jax.random.key(0))
+    with pytest.raises(ValueError, match="max_len"):
+        dec.generate(TinyRNN(0), jnp.zeros((1, 2), jnp.int32), 3, jax.random.key(0), max_len=4)
+
+
+def test_take_rows_gathers_batched_leaves_and_keeps_scalars():
+    state = (jnp.arange(6).reshape(3, 2), {"n": jnp.asarray(7)})
+    out = dec.take_rows(state, jnp.asarray([2, 2, 0]))
+    assert out[0].tolist() == [[4, 5], [4, 5], [0, 1]] and int(out[1]["n"]) == 7
 
 
 # ---- beam search -----------------------------------------------------------------------------
 def test_beam_as_wide_as_all_sequences_is_exact():
-    step, log_prob = tiny_model(seed=2)
+    model, log_prob = tiny_model(seed=2)
     N, prompt = 4, [1, 0]
-    res = dec.beam_search(step, jnp.zeros((1, H)), jnp.asarray([prompt]), N, V**N)
+    res = dec.beam_search(model, jnp.asarray([prompt]), N, V**N)
     seqs = list(itertools.product(range(V), repeat=N))
     exact = np.array([log_prob(prompt, s) for s in seqs])
     order = np.argsort(-exact, kind="stable")
@@ -309,9 +366,9 @@ def test_beam_as_wide_as_all_sequences_is_exact():
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 3.0])
 def test_beam_with_eos_and_length_penalty_is_exact(alpha):
-    step, log_prob = tiny_model(seed=4)
+    model, log_prob = tiny_model(seed=4)
     N, prompt, eos = 4, [2], 0
-    res = dec.beam_search(step, jnp.zeros((1, H)), jnp.asarray([prompt]), N, V**N,
+    res = dec.beam_search(model, jnp.asarray([prompt]), N, V**N,
                           length_penalty=alpha, eos_id=eos)
     best = {}
     for s in itertools.product(range(V), repeat=N):
@@ -328,18 +385,18 @@ def test_beam_with_eos_and_length_penalty_is_exact(alpha):
 
 
 def test_greedy_equals_beam_width_one():
-    step, _ = tiny_model(seed=5)
+    model, _ = tiny_model(seed=5)
     prompt = jnp.asarray([[0], [1], [2]], jnp.int32)
-    g = dec.generate(step, jnp.zeros((3, H)), prompt, 12, jax.random.key(0), temperature=0.0)
-    b = dec.beam_search(step, jnp.zeros((3, H)), prompt, 12, 1)
+    g = dec.generate(model, prompt, 12, jax.random.key(0), temperature=0.0)
+    b = dec.beam_search(model, prompt, 12, 1)
     np.testing.assert_array_equal(g, b.tokens[:, 0])
 
 
 def test_beam_search_never_worse_than_greedy():
-    step, log_prob = tiny_model(seed=6)
-    g = dec.generate(step, jnp.zeros((1, H)), jnp.asarray([[0]]), 8, jax.random.key(0),
+    model, log_prob = tiny_model(seed=6)
+    g = dec.generate(model, jnp.asarray([[0]]), 8, jax.random.key(0),
                      temperature=0.0)
-    b = dec.beam_search(step, jnp.zeros((1, H)), jnp.asarray([[0]]), 8, 4)
+    b = dec.beam_search(model, jnp.asarray([[0]]), 8, 4)
     assert float(b.log_probs[0, 0]) >= log_prob([0], np.asarray(g[0]).tolist()) - 1e-4
 
 
@@ -352,11 +409,11 @@ def test_beam_step_ranks_all_beams_together():
 
 # ---- measuring samples -----------------------------------------------------------------------
 def test_sequence_log_prob_matches_stepwise():
-    step, log_prob = tiny_model(seed=7)
+    model, log_prob = tiny_model(seed=7)
 
     def logits_fn(ids):
         def body(h, t):
-            logits, h = step(h, t)
+            logits, h = model.step(h, t)
             return h, logits
         _, out = jax.lax.scan(body, jnp.zeros((ids.shape[0], H)), ids.T)
         return jnp.swapaxes(out, 0, 1)
@@ -377,40 +434,105 @@ def test_distinct_ngrams_and_repetition_period():
     assert dec.repetition_period([7] * 20) == 1
 
 
-def test_module_step_fn_matches_teacher_forcing():
-    from flax import nnx
-
-    from arcourse.rnn import CharRNN
-
+def test_generate_on_a_char_rnn_matches_teacher_forcing():
     m = CharRNN(7, 8, cell="lstm", rngs=nnx.Rngs(0))
-    step, state = dec.module_step_fn(m, 2)
     prompt = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
-    toks = dec.generate(step, state, prompt, 6, jax.random.key(0))
+    toks = dec.generate(m, prompt, 6, jax.random.key(0))
     total, _ = dec.sequence_log_prob(m, prompt, toks)
     assert np.all(np.isfinite(np.asarray(total)))
-    m2 = CharRNN(7, 8, cell="lstm", rngs=nnx.Rngs(1))
-    assert dec.module_step_fn(m2, 2)[0] is step  # same structure, same compiled step
-    # Greedy through the step function equals the arg max of teacher-forced logits.
-    g = dec.generate(step, state, prompt, 5, jax.random.key(0), temperature=0.0)
+    # Greedy through the decoding interface equals the arg max of teacher-forced logits.
+    g = dec.generate(m, prompt, 5, jax.random.key(0), temperature=0.0)
     ids = jnp.concatenate([prompt, g], 1)
     np.testing.assert_array_equal(jnp.argmax(m(ids)[:, 2:-1], -1), g)
 
 
-def test_beam_search_on_a_module_reorders_only_the_carry():
-    from flax import nnx
-
-    from arcourse.rnn import CharRNN
-
+def test_beam_search_on_a_char_rnn():
     m = CharRNN(6, 8, cell="gru", rngs=nnx.Rngs(3))
-    step, state = dec.module_step_fn(m, 2)
     prompt = jnp.asarray([[1, 2], [3, 4]], jnp.int32)
-    g = dec.generate(step, state, prompt, 7, jax.random.key(0), temperature=0.0)
-    b1 = dec.beam_search(step, state, prompt, 7, 1)
+    g = dec.generate(m, prompt, 7, jax.random.key(0), temperature=0.0)
+    b1 = dec.beam_search(m, prompt, 7, 1)
     np.testing.assert_array_equal(g, b1.tokens[:, 0])
-    b4 = dec.beam_search(step, state, prompt, 7, 4)
+    b4 = dec.beam_search(m, prompt, 7, 4)
     total, _ = dec.sequence_log_prob(m, prompt, b4.tokens[:, 0])
     np.testing.assert_allclose(total, b4.log_probs[:, 0], rtol=1e-4)
     assert np.all(np.asarray(b4.log_probs[:, 0]) >= np.asarray(b1.log_probs[:, 0]) - 1e-5)
+
+
+# ---- the same tokens as before the one decoding interface ------------------------------------
+# Recorded from the code of commit 699b627 (before issue 10), run with PYTHONPATH on an export of
+# that commit: CharRNN through decoding.module_step_fn, GPT through gpt.kv_cache_decoder (beam
+# search with a reorder_fn that gathered the cache rows and kept its length), with the models,
+# prompts and keys below. "sample": generate(..., key(7)); "filtered": generate(..., key(8),
+# temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.3); "beam":
+# beam_search(..., 8 tokens, width 3). The old rnn.sample(m, prompt, 12, key(7), temperature=0.7)
+# gave "rnn_sample", now generate(m, prompt, 12, key(7), temperature=0.7).
+BEFORE = {
+    "rnn_lstm": {
+        "sample": [[4, 8, 3, 4, 6, 0, 6, 8, 3, 4, 10, 10], [10, 10, 4, 8, 5, 8, 7, 7, 4, 10, 2, 0]],
+        "filtered": [[10, 1, 9, 8, 10, 10, 9, 9, 8, 0, 10, 10], [10, 1, 1, 1, 1, 4, 7, 10, 8, 10, 10, 4]],
+        "rnn_sample": [[4, 8, 3, 4, 6, 0, 6, 8, 3, 4, 10, 10], [10, 10, 4, 8, 5, 8, 7, 7, 4, 10, 2, 0]],
+        "beam": [
+            [[5, 5, 5, 5, 5, 5, 5, 8], [5, 5, 5, 5, 5, 5, 5, 5], [5, 5, 5, 5, 5, 5, 8, 8]],
+            [[7, 4, 4, 0, 0, 0, 0, 0], [7, 4, 4, 4, 4, 4, 0, 0], [7, 4, 4, 4, 4, 4, 4, 0]],
+        ],
+        "beam_logp": [[-17.5984, -17.6212, -17.6341], [-16.7928, -17.116, -17.1302]],
+    },
+    "rnn_gru": {
+        "sample": [[4, 8, 3, 4, 6, 9, 6, 8, 3, 4, 10, 10], [0, 10, 4, 8, 5, 8, 7, 7, 4, 6, 2, 5]],
+        "filtered": [[0, 0, 1, 10, 1, 10, 2, 9, 10, 9, 10, 10], [7, 9, 7, 9, 5, 2, 9, 10, 5, 5, 10, 4]],
+        "rnn_sample": [[4, 8, 3, 4, 6, 9, 6, 8, 3, 4, 10, 10], [0, 10, 4, 8, 5, 8, 7, 7, 3, 6, 2, 0]],
+        "beam": [
+            [[2, 2, 2, 2, 2, 2, 2, 2], [2, 2, 2, 2, 2, 2, 2, 9], [2, 2, 2, 2, 2, 2, 2, 4]],
+            [[2, 2, 2, 2, 2, 2, 2, 2], [7, 2, 2, 2, 2, 2, 2, 2], [2, 2, 2, 2, 2, 2, 2, 9]],
+        ],
+        "beam_logp": [[-13.7621, -14.3077, -14.4682], [-13.6242, -13.9048, -14.1975]],
+    },
+    "gpt_gqa": {
+        "sample": [[4, 8, 3, 4, 6, 11, 6, 11, 11, 4, 10, 11], [10, 8, 2, 11, 3, 12, 5, 5, 8, 8, 8, 5]],
+        "filtered": [[0, 0, 1, 6, 6, 11, 10, 7, 6, 6, 6, 11], [5, 3, 9, 10, 9, 3, 9, 10, 10, 3, 9, 3]],
+        "beam": [
+            [[0, 1, 9, 6, 11, 11, 11, 11], [0, 0, 0, 0, 0, 0, 9, 9], [0, 0, 0, 0, 0, 0, 1, 9]],
+            [[5, 8, 10, 3, 9, 3, 10, 7], [5, 8, 10, 3, 9, 9, 3, 10], [5, 8, 10, 3, 9, 3, 10, 10]],
+        ],
+        "beam_logp": [[-10.3712, -10.4829, -10.717], [-11.2637, -11.34, -11.3886]],
+    },
+    "gpt_gpt2": {
+        "sample": [[4, 8, 3, 5, 12, 8, 10, 8, 8, 4, 10, 10], [8, 8, 0, 6, 7, 12, 6, 8, 1, 8, 9, 1]],
+        "filtered": [[10, 10, 12, 5, 1, 10, 10, 8, 10, 6, 5, 5], [8, 5, 5, 1, 12, 12, 5, 2, 5, 1, 8, 5]],
+        "beam": [
+            [[10, 5, 5, 5, 5, 5, 5, 5], [5, 5, 5, 5, 5, 5, 5, 5], [10, 5, 5, 5, 5, 5, 5, 2]],
+            [[8, 5, 6, 8, 5, 6, 1, 8], [8, 8, 5, 1, 1, 1, 1, 1], [8, 8, 5, 1, 1, 1, 1, 8]],
+        ],
+        "beam_logp": [[-8.396, -8.587, -9.7185], [-11.3649, -11.4318, -11.4891]],
+    },
+}
+
+
+def _before_model(name):
+    if name.startswith("rnn"):
+        return CharRNN(11, 16, cell=name.split("_")[1], rngs=nnx.Rngs(0)), \
+            jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
+    kw = dict(num_kv_heads=2) if name == "gpt_gqa" else dict(position="learned", norm="layer",
+                                                             mlp="gelu")
+    cfg = GPTConfig(vocab_size=13, context=24, dim=32, num_layers=2, num_heads=4, **kw)
+    return GPT(cfg, rngs=nnx.Rngs(0)), jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
+
+
+@pytest.mark.parametrize("name", ["rnn_lstm", "rnn_gru", "gpt_gqa", "gpt_gpt2"])
+def test_generate_and_beam_search_give_the_tokens_of_before(name):
+    model, prompt = _before_model(name)
+    want = BEFORE[name]
+    got = dec.generate(model, prompt, 12, jax.random.key(7))
+    np.testing.assert_array_equal(got, want["sample"])
+    got = dec.generate(model, prompt, 12, jax.random.key(8), temperature=0.8, top_k=5, top_p=0.9,
+                       min_p=0.05, repetition_penalty=1.3)
+    np.testing.assert_array_equal(got, want["filtered"])
+    if "rnn_sample" in want:
+        got = dec.generate(model, prompt, 12, jax.random.key(7), temperature=0.7)
+        np.testing.assert_array_equal(got, want["rnn_sample"])
+    beams = dec.beam_search(model, prompt, 8, 3)
+    np.testing.assert_array_equal(beams.tokens, want["beam"])
+    np.testing.assert_allclose(beams.log_probs, want["beam_logp"], rtol=0, atol=1e-4)
 
 
 @settings(max_examples=30, deadline=None)

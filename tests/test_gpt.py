@@ -11,16 +11,9 @@ from hypothesis import strategies as st
 
 from arcourse import causality, decoding
 from arcourse.attention import kv_cache_bytes_per_token
-from arcourse.gpt import (
-    GPT,
-    GPTConfig,
-    copy_task,
-    kv_cache_decoder,
-    masked_next_token_loss,
-    next_token_loss,
-    num_params,
-    uncached_decoder,
-)
+from arcourse.gpt import GPT, GPTConfig, UncachedGPT, copy_task, num_params
+from arcourse.losses import lm_loss
+from arcourse.rnn import CharRNN
 
 V, T = 13, 12
 CONFIGS = {
@@ -48,9 +41,9 @@ def _tokens(key):
 def test_cached_decoding_gives_the_full_forward_logits_at_every_position(model):
     x = _tokens(jax.random.key(0))
     full = model(x)
-    decode_step = jax.jit(model.decode_step)
+    decode_step = jax.jit(model.step)
     for p in (1, 5):
-        cache = model.init_cache(2, T + 4)
+        cache = model.init_state(2, T + 4)
         logits, cache = model.prefill(cache, x[:, :p])
         got = [logits]
         for t in range(p, T):
@@ -70,7 +63,7 @@ def test_the_gpt_is_causal_by_jacobian(model):
 
 def test_cache_arrays_hold_the_formula_bytes_per_token(model):
     cfg = model.cfg
-    cache = model.init_cache(3, 10)
+    cache = model.init_state(3, 10)
     per_token = cache.nbytes / (3 * 10)
     assert per_token == kv_cache_bytes_per_token(cfg.num_layers, cfg.kv_heads, cfg.head_dim, 4)
 
@@ -79,18 +72,38 @@ def test_decoders_plug_into_generate_and_agree():
     model = _model(num_kv_heads=2)
     prompt = _tokens(jax.random.key(2))[:, :4]
     n = 6
-    step, prefill, state = kv_cache_decoder(model, 2, 4 + n)
-    cached = decoding.generate(step, state, prompt, n, jax.random.key(3), temperature=0.0,
-                               prefill_fn=prefill)
-    ustep, uprefill, ustate = uncached_decoder(model, 2, 4 + n)
-    uncached = decoding.generate(ustep, ustate, prompt, n, jax.random.key(3), temperature=0.0,
-                                 prefill_fn=uprefill)
+    decoding.check_decoder(model)
+    decoding.check_decoder(UncachedGPT(model))
+    cached = decoding.generate(model, prompt, n, jax.random.key(3), temperature=0.0)
+    uncached = decoding.generate(UncachedGPT(model), prompt, n, jax.random.key(3), temperature=0.0)
     np.testing.assert_array_equal(cached, uncached)
     # greedy means: every token is the argmax of the full forward pass on what came before
     seq = jnp.concatenate([prompt, cached], 1)
     np.testing.assert_array_equal(jnp.argmax(model(seq[:, :-1])[:, 3:], -1), cached)
-    # a model of the same structure reuses the same compiled step function
-    assert kv_cache_decoder(_model(seed=9, num_kv_heads=2), 2, 10)[0] is step
+    # sampling too: the same key gives the same tokens through the cache and without it
+    kw = dict(temperature=0.9, top_k=6, repetition_penalty=1.2, max_len=T + 4)
+    np.testing.assert_array_equal(
+        decoding.generate(model, prompt, n, jax.random.key(4), **kw),
+        decoding.generate(UncachedGPT(model), prompt, n, jax.random.key(4), **kw))
+
+
+def test_uncached_decoder_steps_give_the_forward_logits(model):
+    x = _tokens(jax.random.key(6))
+    dec = UncachedGPT(model)
+    logits, state = dec.prefill(dec.init_state(2, T), x[:, :3])
+    got = [logits]
+    for t in range(3, T):
+        logits, state = dec.step(state, x[:, t])
+        got.append(logits)
+    np.testing.assert_allclose(jnp.stack(got, 1), model(x)[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_retrained_model_reuses_the_compiled_loop():
+    prompt = _tokens(jax.random.key(2))[:, :4]
+    decoding.generate(_model(num_kv_heads=2), prompt, 5, jax.random.key(0))
+    before = decoding._generate._cache_size()
+    decoding.generate(_model(seed=9, num_kv_heads=2), prompt, 5, jax.random.key(0))
+    assert decoding._generate._cache_size() == before  # parameters are arguments, not constants
 
 
 @settings(max_examples=8, deadline=None)
@@ -110,11 +123,10 @@ def test_losses_and_sizes():
     x = _tokens(jax.random.key(4))
     lp = jax.nn.log_softmax(model(x[:, :-1]), -1)
     manual = -jnp.mean(jnp.take_along_axis(lp, x[:, 1:, None], 2))
-    np.testing.assert_allclose(next_token_loss(model, (x[:, :-1], x[:, 1:])), manual, rtol=1e-5)
+    np.testing.assert_allclose(lm_loss(model, (x[:, :-1], x[:, 1:])), manual, rtol=1e-5)
     mask = jnp.zeros_like(x[:, 1:]).at[:, -1].set(1)
     want = -jnp.mean(jnp.take_along_axis(lp[:, -1], x[:, -1:], 1))
-    np.testing.assert_allclose(masked_next_token_loss(model, (x[:, :-1], x[:, 1:], mask)), want,
-                               rtol=1e-5)
+    np.testing.assert_allclose(lm_loss(model, (x[:, :-1], x[:, 1:], mask)), want, rtol=1e-5)
     d, h = 32, GPTConfig(vocab_size=V, dim=32).hidden
     assert h % 8 == 0 and h >= 8 * d // 3
     blocks = 2 * (4 * d * d + 3 * d * h + 2 * d)  # attention, SwiGLU, two RMSNorm gains
@@ -132,9 +144,15 @@ def test_arguments_are_validated():
     with pytest.raises(ValueError, match="learned position"):
         m(jnp.zeros((1, T + 5), jnp.int32))
     with pytest.raises(ValueError, match="max_len"):
-        m.init_cache(1, T + 5)
+        m.init_state(1, T + 5)
+    with pytest.raises(ValueError, match="max_len"):
+        UncachedGPT(m).init_state(1, T + 5)
     with pytest.raises(ValueError, match="does not fit"):
-        _model().prefill(_model().init_cache(1, 3), jnp.zeros((1, 4), jnp.int32))
+        _model().prefill(_model().init_state(1, 3), jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="batch_size"):
+        _model().init_state(True, 4)  # a bool is not an integer
+    with pytest.raises(TypeError, match="GPT"):
+        UncachedGPT(CharRNN(5, 4, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="length"):
         copy_task(jax.random.key(0), 2, 1, 4)
 
@@ -145,3 +163,24 @@ def test_attention_maps_are_causal_distributions(model):
     assert maps.shape == (2, 2, 4, T, T)
     np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.triu(maps, 1) == 0.0)
+
+
+def test_attention_maps_are_the_weights_the_forward_pass_uses():
+    """GQA (4 query heads, 2 key/value heads): in every layer, the maps applied to the values of
+    the model's own projections, with query head h reading key/value head h // (H / G),
+    reproduce that layer's attention output in the forward pass. A map with another head
+    grouping (h % G) does not."""
+    model = _model(seed=3, num_kv_heads=2)
+    x = _tokens(jax.random.key(7))
+    maps = model.attention_maps(x)  # (L, B, H, T, T)
+    H, G = model.cfg.num_heads, model.cfg.kv_heads
+    h = model.embed_tokens(x)
+    for layer, block in enumerate(model.blocks):
+        attn, xin = block.attn, block.norm1(h)
+        _, _, v = attn.qkv(xin, jnp.arange(T))  # v (B, T, G, dh)
+        want = attn(xin)  # the forward pass: (B, T, dim)
+        for group, should_match in ((np.arange(H) // (H // G), True), (np.arange(H) % G, False)):
+            out = jnp.einsum("bhij,bjhd->bihd", maps[layer], v[:, :, group])
+            got = attn.wo(out.reshape(*out.shape[:2], -1))
+            assert np.allclose(got, want, rtol=1e-4, atol=1e-5) == should_match
+        h = block(h)

@@ -145,3 +145,18 @@ def test_argument_errors():
         lm.log_probs(np.array([0, 3]))
     with pytest.raises(ValueError, match="1-D"):
         lm.log_probs(np.zeros((2, 2), int))
+
+
+@pytest.mark.parametrize("cls", [KneserNey, AddK])
+def test_sampling_takes_the_seed_first_and_follows_next_distribution(cls):
+    train = np.array([0, 1, 2, 0, 1, 2, 0, 1, 1, 2, 0, 2] * 30)
+    lm = cls(3, 3).fit(train)
+    a = lm.sample(4, 30, prefix=[0, 1])
+    assert a.shape == (30,) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, lm.sample(np.random.default_rng(4), 30, prefix=[0, 1]))
+    assert lm.sample(4, 10).shape == (10,)  # no prefix
+    first = np.array([lm.sample(s, 1, prefix=[0, 1])[0] for s in range(3000)])
+    p = lm.next_distribution(np.array([0, 1]))
+    np.testing.assert_allclose(np.bincount(first, minlength=3) / 3000, p, atol=0.03)
+    with pytest.raises(ValueError, match="length"):
+        lm.sample(0, 0)

@@ -220,3 +220,47 @@ def test_scheduled_sampling_mixes_the_model_s_draws_at_the_given_rate():
     replaced = (half[:, 1:] == pred[None, :-1]) & (np.asarray(tokens[:, 1:]) != pred[None, :-1])
     could = np.asarray(tokens[:, 1:]) != pred[None, :-1]
     assert replaced.sum() / could.sum() == pytest.approx(0.3, abs=0.03)
+
+
+# ---- make_optimizer is the hand-built chains the chapters used -----------------------------------
+def _updates(tx, steps=30):
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+    state = tx.init(params)
+    out = []
+    for t in range(steps):
+        g = {"w": jnp.sin(params["w"] * (t + 1)) * (3.0 if t % 5 == 0 else 0.3)}
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+        out.append(np.asarray(params["w"]))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("name", ["ch03", "ch03 recall", "ch04", "ch05", "ch06"])
+def test_make_optimizer_equals_the_chapters_hand_built_chains(name):
+    """Chapters 03-06 built clip + Adam(W) by hand before issue 10; make_optimizer gives the very
+    same parameters, bit for bit, so their numbers did not move."""
+    S, lr = 30, 1e-2
+    clip = optax.clip_by_global_norm(1.0)
+    hand, mine = {
+        "ch03": (optax.chain(clip, optax.adam(optax.warmup_cosine_decay_schedule(
+                     lr / 10, lr, 3, S, lr / 20))),
+                 losses.make_optimizer(lr, S, warmup_steps=3, init_lr=lr / 10, final_lr=lr / 20)),
+        "ch03 recall": (optax.chain(clip, optax.adam(lr)), losses.make_optimizer(lr, S, final_lr=lr)),
+        "ch04": (optax.chain(clip, optax.adam(optax.cosine_decay_schedule(lr, S, alpha=0.1))),
+                 losses.make_optimizer(lr, S, final_lr=lr * 0.1)),
+        "ch05": (optax.chain(clip, optax.adamw(optax.warmup_cosine_decay_schedule(
+                     0.0, lr, 2, S, lr * 0.05), weight_decay=1e-4)),
+                 losses.make_optimizer(lr, S, warmup_steps=2, final_lr=lr * 0.05,
+                                       weight_decay=1e-4)),
+        "ch06": (optax.chain(clip, optax.adamw(optax.warmup_cosine_decay_schedule(
+                     0.0, lr, 6, S, lr / 10), weight_decay=0.01)),
+                 losses.make_optimizer(lr, S, warmup_steps=6, final_lr=lr / 10, weight_decay=0.01)),
+    }[name]
+    np.testing.assert_array_equal(_updates(hand), _updates(mine))
+
+
+def test_make_optimizer_checks_its_steps():
+    with pytest.raises(ValueError, match="total_steps"):
+        losses.make_optimizer(1e-2, True)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        losses.make_optimizer(1e-2, 10, warmup_steps=10)

@@ -84,6 +84,35 @@ def test_ngram_model_is_a_distribution_over_sequences():
     assert math.isclose(total, 1.0, rel_tol=1e-9)
 
 
+def test_count_model_samples_take_the_seed_first():
+    src = MarkovSource.random(order=2, vocab_size=3, seed=5)
+    model = counting.NGramCounts(order=2, vocab_size=3, alpha=0.3).fit(src.sample(3000, seed=0))
+    a = model.sample(7, 50, prefix=[1, 2])
+    assert a.shape == (50,) and a.dtype == np.int32
+    np.testing.assert_array_equal(a, model.sample(7, 50, prefix=[1, 2]))
+    np.testing.assert_array_equal(a, model.sample(np.random.default_rng(7), 50, prefix=[1, 2]))
+    assert not np.array_equal(a, model.sample(8, 50, prefix=[1, 2]))
+    assert model.sample(0, 5).shape == (5,)
+    with pytest.raises(ValueError, match="length"):
+        model.sample(0, True)
+
+
+def test_eval_windows_cut_consecutive_windows_with_shifted_targets():
+    tokens = np.arange(23)
+    x, y = metrics.eval_windows(tokens, 5)
+    assert x.shape == y.shape == (4, 5)  # (23 - 1) // 5
+    np.testing.assert_array_equal(np.asarray(x).ravel(), np.arange(20))
+    np.testing.assert_array_equal(np.asarray(y).ravel(), np.arange(1, 21))
+    x2, y2 = metrics.eval_windows(tokens, 5, num=2)
+    np.testing.assert_array_equal(x2, x[:2])
+    with pytest.raises(ValueError, match="num"):
+        metrics.eval_windows(tokens, 5, num=5)
+    with pytest.raises(ValueError, match="length"):
+        metrics.eval_windows(tokens, True)
+    with pytest.raises(ValueError, match="too few"):
+        metrics.eval_windows(np.arange(5), 5)
+
+
 def test_count_model_approaches_the_source():
     src = MarkovSource.random(order=2, vocab_size=4, seed=1)
     heldout = src.sample(50_000, seed=2)

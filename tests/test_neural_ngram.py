@@ -74,14 +74,14 @@ def test_arguments_are_validated():
     with pytest.raises(ValueError, match="window"):
         MODELS[2].next_logits(jnp.zeros((3, 4), jnp.int32))
     with pytest.raises(ValueError, match="temperature"):
-        ng.sample(MODELS[2], jax.random.key(0), 2, 3, temperature=0.0)
+        ng.sample(jax.random.key(0), MODELS[2], 2, 3, temperature=0.0)
 
 
 def test_free_running_log_probs_are_the_teacher_forced_ones_and_it_compiles_once():
     """The model's log-probability of what it drew equals its teacher-forced log-probability
     of the same sequence: generation and scoring are the same model."""
     model = MODELS[4]
-    x, lp = ng.sample(model, jax.random.key(3), 6, 20)
+    x, lp = ng.sample(jax.random.key(3), model, 6, 20)
     assert x.shape == lp.shape == (6, 20) and x.dtype == jnp.int32
     assert int(x.min()) >= 0 and int(x.max()) < V
     first = jax.nn.log_softmax(model.next_logits(jnp.full((1, 4), model.pad_id)))[0]
@@ -91,13 +91,13 @@ def test_free_running_log_probs_are_the_teacher_forced_ones_and_it_compiles_once
                                               -1)[..., 0]], axis=1)
     np.testing.assert_allclose(np.asarray(lp), want, rtol=1e-5, atol=1e-5)
     before = ng._sample._cache_size()
-    ng.sample(model, jax.random.key(4), 6, 20, temperature=0.7)  # a new temperature: no retrace
+    ng.sample(jax.random.key(4), model, 6, 20, temperature=0.7)  # a new temperature: no retrace
     assert ng._sample._cache_size() == before
 
 
 def test_low_temperature_sampling_is_greedy():
     model = MODELS[2]
-    x, _ = ng.sample(model, jax.random.key(0), 3, 10, temperature=1e-4)
+    x, _ = ng.sample(jax.random.key(0), model, 3, 10, temperature=1e-4)
     greedy = jnp.argmax(model(x), axis=-1)
     np.testing.assert_array_equal(np.asarray(x[:, 1:]), np.asarray(greedy[:, :-1]))
 

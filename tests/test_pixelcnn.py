@@ -226,7 +226,7 @@ def test_sample_pixel_changes_one_pixel_with_the_right_distribution():
     B, L = 20000, 4
     logits = jnp.zeros((B, 2, 3, L)).at[:, 1, 0].set(jnp.asarray([0.0, 1.0, 2.0, -1.0]))
     canvas = jnp.full((B, 2, 3), 3, jnp.int32)
-    out = pixelcnn.sample_pixel(logits, canvas, 3, jax.random.key(0), temperature=0.7)
+    out = pixelcnn.sample_pixel(jax.random.key(0), logits, canvas, 3, temperature=0.7)
     changed = np.asarray(out != canvas).any(0)
     assert not changed[np.arange(6).reshape(2, 3) != 3].any()
     freq = np.bincount(np.asarray(out[:, 1, 0]), minlength=L) / B
@@ -236,14 +236,14 @@ def test_sample_pixel_changes_one_pixel_with_the_right_distribution():
 
 def test_sample_keeps_the_given_pixels_and_is_reproducible(small_gated):
     canvas = jax.random.randint(jax.random.key(0), (3, H, W), 0, LEVELS)
-    out = pixelcnn.sample(small_gated, jax.random.key(1), canvas=canvas, start=32)
+    out = pixelcnn.sample(jax.random.key(1), small_gated, canvas=canvas, start=32)
     assert out.shape == (3, H, W) and out.dtype == jnp.int32
     np.testing.assert_array_equal(out[:, :4], canvas[:, :4])
     assert int(out.min()) >= 0 and int(out.max()) < LEVELS
-    again = pixelcnn.sample(small_gated, jax.random.key(1), canvas=canvas, start=32)
+    again = pixelcnn.sample(jax.random.key(1), small_gated, canvas=canvas, start=32)
     np.testing.assert_array_equal(out, again)
     assert pixelcnn._sample_loop._cache_size() == 1  # same graph and sizes: compiled once
-    pixelcnn.sample(small_gated, jax.random.key(2), canvas=canvas, start=10, temperature=0.5)
+    pixelcnn.sample(jax.random.key(2), small_gated, canvas=canvas, start=10, temperature=0.5)
     assert pixelcnn._sample_loop._cache_size() == 1  # start and temperature are traced
 
 
@@ -259,7 +259,7 @@ def test_sampling_matches_the_model_conditionals():
         def __call__(self, images, labels=None):
             return jnp.broadcast_to(self.bias[...], images.shape + (3,))
 
-    out = pixelcnn.sample(Fixed(), jax.random.key(0), num=2000, shape=(2, 2))
+    out = pixelcnn.sample(jax.random.key(0), Fixed(), num=2000, shape=(2, 2))
     freq = np.bincount(np.asarray(out).ravel(), minlength=3) / out.size
     np.testing.assert_allclose(freq, [0.2, 0.5, 0.3], atol=0.02)
 
@@ -281,6 +281,6 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="integer"):
         model(jnp.zeros((2, 8, 8)), jnp.zeros((2,), jnp.int32))
     with pytest.raises(ValueError, match="start"):
-        pixelcnn.sample(model, jax.random.key(0), num=1, labels=[0], start=99)
+        pixelcnn.sample(jax.random.key(0), model, num=1, labels=[0], start=99)
     with pytest.raises(ValueError, match="temperature"):
-        pixelcnn.sample(model, jax.random.key(0), num=1, labels=[0], temperature=0.0)
+        pixelcnn.sample(jax.random.key(0), model, num=1, labels=[0], temperature=0.0)

@@ -9,7 +9,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arcourse import rnn
+from arcourse import decoding, losses, rnn
 from arcourse.rnn import (
     CharRNN,
     GRUCell,
@@ -20,7 +20,6 @@ from arcourse.rnn import (
     lstm_step,
     python_unroll,
     rnn_step,
-    sample,
     unroll,
 )
 
@@ -133,8 +132,11 @@ def model(request):
 def test_shapes_and_types(model):
     x = jnp.zeros((2, 5), jnp.int32)
     assert model(x).shape == (2, 5, 11)
-    logits, carry = model.step(model.init_carry(2), x[:, 0])
+    logits, carry = model.step(model.init_state(2, 5), x[:, 0])
     assert logits.shape == (2, 11) and logits.dtype == jnp.float32
+    # the state of a recurrent model does not grow with max_len
+    small, large = model.init_state(2, 5), model.init_state(2, 5000)
+    assert [a.shape for a in jax.tree.leaves(small)] == [a.shape for a in jax.tree.leaves(large)]
 
 
 @SETTINGS
@@ -161,7 +163,7 @@ def test_embedding_gradient_is_causal():
 
     def logits_from_embeddings(e):
         xp = m.cell.project(e)
-        _, hs = unroll(m.cell, m.init_carry(1), xp)
+        _, hs = unroll(m.cell, m.init_state(1), xp)
         return m.out(hs)[0, :, 0]  # (T,)
 
     J = jax.jacrev(logits_from_embeddings)(e)[:, 0]  # (T_out, T_in, E)
@@ -172,7 +174,7 @@ def test_embedding_gradient_is_causal():
 
 def test_step_loop_equals_teacher_forcing(model):
     x = jax.random.randint(jax.random.key(3), (3, 7), 0, 11)
-    carry = model.init_carry(3)
+    carry = model.init_state(3)
     outs = []
     for t in range(7):
         logits, carry = model.step(carry, x[:, t])
@@ -196,7 +198,20 @@ def test_loss_is_next_token_nll(model):
     y = jnp.roll(x, -1, axis=1)
     lp = jax.nn.log_softmax(model(x))
     want = -np.mean(np.take_along_axis(np.asarray(lp), np.asarray(y)[..., None], -1))
-    np.testing.assert_allclose(rnn.char_lm_loss(model, (x, y)), want, rtol=1e-5)
+    np.testing.assert_allclose(losses.lm_loss(model, (x, y)), want, rtol=1e-5)
+
+
+def test_prefill_equals_reading_the_prompt_step_by_step(model):
+    """The decoding interface: prefill (one scan over the prompt) gives the logits and state of
+    feeding the prompt to step one token at a time."""
+    decoding.check_decoder(model)
+    x = jax.random.randint(jax.random.key(6), (2, 5), 0, 11)
+    a, sa = model.prefill(model.init_state(2, 8), x)
+    b, sb = decoding.prefill_by_steps(model, model.init_state(2, 8), x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a, model(x)[:, -1], rtol=1e-5, atol=1e-5)
+    for u, v in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +219,7 @@ def test_loss_is_next_token_nll(model):
 # --------------------------------------------------------------------------------------------
 def test_greedy_sampling_follows_the_argmax(model):
     prompt = jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int32)
-    out = sample(model, prompt, 6, jax.random.key(0), temperature=0.0)
+    out = decoding.generate(model, prompt, 6, jax.random.key(0), temperature=0.0)
     assert out.shape == (2, 6) and out.dtype == jnp.int32
     seq = prompt
     for t in range(6):  # recompute every prediction from scratch with teacher forcing
@@ -219,29 +234,33 @@ def test_sampling_matches_the_model_distribution():
     m.out.bias[...] = jnp.array([1.0, 0.0, -1.0, 0.5, 0.0])
     prompt = jnp.full((4000, 2), 3, jnp.int32)
     for tau in (1.0, 0.5):
-        first = np.asarray(sample(m, prompt, 1, jax.random.key(7), temperature=tau)[:, 0])
+        first = np.asarray(decoding.generate(m, prompt, 1, jax.random.key(7),
+                                             temperature=tau)[:, 0])
         p = np.asarray(jax.nn.softmax(m(prompt[:1])[0, -1] / tau))
         freq = np.bincount(first, minlength=5) / len(first)
         np.testing.assert_allclose(freq, p, atol=0.03)
 
 
 def test_sampling_compiles_once_and_is_reproducible(monkeypatch):
-    m = CharRNN(6, 4, cell="lstm", rngs=nnx.Rngs(0))
+    m = CharRNN(6, 3, cell="lstm", rngs=nnx.Rngs(0))
     traces = []
     original = CharRNN.step
 
-    def counting_step(self, carry, tokens):
+    def counting_step(self, state, tokens):
         traces.append(1)
-        return original(self, carry, tokens)
+        return original(self, state, tokens)
 
     monkeypatch.setattr(CharRNN, "step", counting_step)
     prompt = jnp.array([[1, 2]], jnp.int32)
-    a = sample(m, prompt, 20, jax.random.key(1), temperature=1.0)
-    b = sample(m, prompt, 20, jax.random.key(1), temperature=0.7)
-    c = sample(m, prompt, 20, jax.random.key(1), temperature=1.0)
-    assert len(traces) == 1, "changing the temperature or the key must not retrace"
+    a = decoding.generate(m, prompt, 21, jax.random.key(1), temperature=1.0)
+    b = decoding.generate(m, prompt, 21, jax.random.key(1), temperature=0.7)
+    c = decoding.generate(m, prompt, 21, jax.random.key(1), temperature=1.0)
+    retrained = CharRNN(6, 3, cell="lstm", rngs=nnx.Rngs(5))  # same structure, new parameters
+    d = decoding.generate(retrained, prompt, 21, jax.random.key(1), temperature=1.0)
+    assert len(traces) == 1, "changing the temperature, the key or the parameters must not retrace"
     np.testing.assert_array_equal(a, c)
-    assert a.shape == b.shape == (1, 20)
+    assert a.shape == b.shape == d.shape == (1, 21)
+    assert not np.array_equal(a, d)
 
 
 def test_argument_errors():
@@ -255,11 +274,14 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="tokens"):
         m(jnp.zeros((5,), jnp.int32))
     with pytest.raises(ValueError, match="prompt"):
-        sample(m, jnp.zeros((3,), jnp.int32), 4, jax.random.key(0))
+        decoding.generate(m, jnp.zeros((3,), jnp.int32), 4, jax.random.key(0))
     with pytest.raises(ValueError, match="num_tokens"):
-        sample(m, jnp.zeros((1, 2), jnp.int32), 0, jax.random.key(0))
+        decoding.generate(m, jnp.zeros((1, 2), jnp.int32), 0, jax.random.key(0))
     with pytest.raises(ValueError, match="temperature"):
-        sample(m, jnp.zeros((1, 2), jnp.int32), 3, jax.random.key(0), temperature=-1.0)
+        decoding.generate(m, jnp.zeros((1, 2), jnp.int32), 3, jax.random.key(0),
+                          temperature=-1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        m.init_state(True, 4)  # a bool is not an integer
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def _sample_pixel_test(fn, ex):
         logits = jnp.asarray(np.broadcast_to(pos_logits, (B, H, W, L)), jnp.float32)
         canvas = jnp.asarray(rng.integers(0, L, size=(B, H, W)), jnp.int32)
         where = f"index={index} (row {r}, column {c} of a {H}x{W} image), temperature={temperature}"
-        out = fn(logits, canvas, index, jax.random.key(index), temperature)
+        out = fn(jax.random.key(index), logits, canvas, index, temperature)
         if out is None:
             raise CheckFailure("your function returned None: did you forget `return`?")
         out = np.asarray(out)
@@ -210,24 +210,24 @@ def _sample_pixel_test(fn, ex):
     return "frequencies match softmax(z / T) at 4 positions (" + ", ".join(summary) + ")"
 
 
-def _transposed(logits, canvas, index, key, temperature=1.0):
+def _transposed(key, logits, canvas, index, temperature=1.0):
     H = canvas.shape[1]
     r, c = index % H, index // H
     draw = jax.random.categorical(key, logits[:, r, c] / temperature, axis=-1)
     return canvas.at[:, r, c].set(draw.astype(canvas.dtype))
 
 
-def _no_temperature(logits, canvas, index, key, temperature=1.0):
-    return pixelcnn.sample_pixel(logits, canvas, index, key, 1.0)
+def _no_temperature(key, logits, canvas, index, temperature=1.0):
+    return pixelcnn.sample_pixel(key, logits, canvas, index, 1.0)
 
 
-def _greedy(logits, canvas, index, key, temperature=1.0):
+def _greedy(key, logits, canvas, index, temperature=1.0):
     W = canvas.shape[2]
     r, c = index // W, index % W
     return canvas.at[:, r, c].set(jnp.argmax(logits[:, r, c], -1).astype(canvas.dtype))
 
 
-def _times_temperature(logits, canvas, index, key, temperature=1.0):
+def _times_temperature(key, logits, canvas, index, temperature=1.0):
     W = canvas.shape[2]
     r, c = index // W, index % W
     draw = jax.random.categorical(key, logits[:, r, c] * temperature, axis=-1)
