@@ -210,19 +210,28 @@ class CausalSelfAttention(nnx.Module):
         y = self.wo(out.reshape(B, T, self.dim))
         return (y, LayerKV(k, v)) if return_kv else y
 
-    def decode(self, x, cache: LayerKV, pos):
-        """One new token per row: ``x`` (B, dim) at position ``pos`` (a traced int).
+    def extend(self, x, cache: LayerKV, pos):
+        """``K`` new tokens per row: ``x`` (B, K, dim) at positions ``pos .. pos+K-1`` (``pos`` a
+        traced int).
 
-        Writes its key and value into ``cache`` at ``pos`` and attends over positions
-        ``0..pos``. Returns (y (B, dim), the updated cache).
+        Writes their keys and values into ``cache`` from ``pos`` on; token ``i`` attends over
+        positions ``0..pos+i``. Returns (y (B, K, dim), the updated cache). ``K = 1`` is one
+        decoding step; ``K > 1`` scores several tokens at once (speculative decoding).
         """
-        q, k, v = self.qkv(x[:, None, :], jnp.reshape(pos, (1,)))
+        B, K, _ = x.shape
+        positions = pos + jnp.arange(K)
+        q, k, v = self.qkv(x, positions)
         ck = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), pos, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), pos, axis=1)
-        S = ck.shape[1]
-        mask = (jnp.arange(S) <= pos)[None, None, :]  # (1, Tq=1, S)
+        mask = (jnp.arange(ck.shape[1])[None, :] <= positions[:, None])[None]  # (1, K, S)
         out = _grouped_attention(q, ck, cv, mask)
-        return self.wo(out.reshape(x.shape[0], self.dim)), LayerKV(ck, cv)
+        return self.wo(out.reshape(B, K, self.dim)), LayerKV(ck, cv)
+
+    def decode(self, x, cache: LayerKV, pos):
+        """One new token per row: ``x`` (B, dim) at position ``pos``; :meth:`extend` with K = 1.
+        Returns (y (B, dim), the updated cache)."""
+        y, cache = self.extend(x[:, None, :], cache, pos)
+        return y[:, 0], cache
 
 
 def attend_with_cache(q, k_new, v_new, k_cache, v_cache, pos):

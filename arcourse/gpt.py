@@ -118,8 +118,9 @@ class Block(nnx.Module):
         h = h + self.mlp(self.norm2(h))
         return (h, kv) if return_kv else h
 
-    def decode(self, h, cache: LayerKV, pos):
-        a, cache = self.attn.decode(self.norm1(h), cache, pos)
+    def extend(self, h, cache: LayerKV, pos):
+        """The block on ``K`` new positions (B, K, dim) against the layer's KV cache."""
+        a, cache = self.attn.extend(self.norm1(h), cache, pos)
         h = h + a
         return h + self.mlp(self.norm2(h)), cache
 
@@ -237,15 +238,35 @@ class GPT(nnx.Module):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 1:
             raise ValueError(f"tokens must have shape (batch,), got {tokens.shape}")
+        logits, cache = self.extend(cache, tokens[:, None])
+        return logits[:, 0], cache
+
+    def extend(self, cache: KVCache, tokens, *, return_hidden: bool = False):
+        """Score ``K`` tokens per row (B, K) at positions ``cache.length ..`` in one pass.
+
+        Token ``i`` attends over the cached positions and the new tokens ``<= i``; its keys and
+        values are written at ``cache.length + i``. Returns (logits (B, K, V), where row ``i``
+        predicts the token after token ``i``, the cache with ``length + K``): the same numbers as
+        ``K`` calls of :meth:`step`, for the price of about one (speculative decoding, chapter 12).
+        With ``return_hidden`` the first item is the residual stream before the final norm
+        (B, K, dim) instead of the logits (multi-token heads read it). The cache must hold
+        ``length + K`` positions.
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[0] != cache.layers[0].k.shape[0]:
+            raise ValueError(f"tokens must have shape (batch={cache.layers[0].k.shape[0]}, K), "
+                             f"got {tokens.shape}")
+        K, S = tokens.shape[1], cache.layers[0].k.shape[1]
+        if K > S:
+            raise ValueError(f"{K} tokens do not fit in a cache of {S} positions")
         pos = cache.length
-        h = self.embed(tokens)
-        if self.cfg.position == "learned":
-            h = h + self.pos_embed[...][pos]
+        h = self.embed_tokens(tokens, pos + jnp.arange(K))
         layers = []
         for block, kv in zip(self.blocks, cache.layers):
-            h, kv = block.decode(h, kv, pos)
+            h, kv = block.extend(h, kv, pos)
             layers.append(kv)
-        return self.head(self.norm(h)), KVCache(tuple(layers), pos + 1)
+        cache = KVCache(tuple(layers), pos + K)
+        return (h, cache) if return_hidden else (self.head(self.norm(h)), cache)
 
 
 class UncachedGPT(nnx.Module):
