@@ -146,8 +146,9 @@ class MarkovSource:
         row = marg[tuple(prefix)]
         return row / row.sum()
 
-    def sample(self, length: int, seed: int = 0) -> np.ndarray:
-        """Draw one sequence of ``length`` symbols (int32) by ancestral sampling."""
+    def sample(self, seed, length: int) -> np.ndarray:
+        """Draw one sequence of ``length`` symbols (int32) by ancestral sampling. ``seed`` (an
+        integer or a ``numpy.random.Generator``) comes first, as every sampler's key does."""
         if not isinstance(length, int | np.integer) or length < self.order:
             raise ValueError(f"length must be an integer >= order={self.order}, got {length!r}")
         rng = np.random.default_rng(seed)

@@ -80,7 +80,7 @@ def _rows_agree(pred, x):
 def test_markov_source_rows_and_the_entropy_rate():
     src = data.MarkovSource.random(order=2, vocab_size=4, concentration=0.5, seed=0)
     pred = coding.MarkovPredictor(src)
-    x = src.sample(length=20_000, seed=1)
+    x = src.sample(1, 20_000)
     P = _rows_agree(pred, x)
     assert np.log(P[np.arange(len(x)), x]).sum() == pytest.approx(src.log_prob(x), rel=1e-9)
     code = coding.compress(pred, x, probs=P)
@@ -91,9 +91,9 @@ def test_markov_source_rows_and_the_entropy_rate():
 
 def test_count_model_round_trip():
     src = data.MarkovSource.random(order=2, vocab_size=5, concentration=0.5, seed=3)
-    model = counting.NGramCounts(order=2, vocab_size=5, alpha=0.5).fit(src.sample(length=5000, seed=0))
+    model = counting.NGramCounts(order=2, vocab_size=5, alpha=0.5).fit(src.sample(0, 5000))
     pred = coding.CountPredictor(model)
-    x = src.sample(length=2000, seed=1)
+    x = src.sample(1, 2000)
     P = _rows_agree(pred, x)
     assert np.log(P[np.arange(len(x)), x]).sum() == pytest.approx(model.log_prob(x), rel=1e-9)
     code = coding.compress(pred, x)

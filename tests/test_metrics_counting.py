@@ -63,7 +63,7 @@ def test_smoothed_rows_are_distributions_and_alpha_zero_is_mle():
 
 
 def test_mle_maximises_the_training_likelihood():
-    seq = MarkovSource.random(order=1, vocab_size=3, seed=2).sample(500, seed=1)
+    seq = MarkovSource.random(order=1, vocab_size=3, seed=2).sample(1, 500)
     counts = counting.count_transitions(seq, 1, 3)
 
     def loglik(theta):
@@ -79,14 +79,14 @@ def test_mle_maximises_the_training_likelihood():
 
 def test_ngram_model_is_a_distribution_over_sequences():
     src = MarkovSource.random(order=2, vocab_size=3, seed=5)
-    model = counting.NGramCounts(order=2, vocab_size=3, alpha=0.3).fit(src.sample(300, seed=0))
+    model = counting.NGramCounts(order=2, vocab_size=3, alpha=0.3).fit(src.sample(0, 300))
     total = sum(math.exp(model.log_prob(s)) for s in src.all_sequences(5))
     assert math.isclose(total, 1.0, rel_tol=1e-9)
 
 
 def test_count_model_samples_take_the_seed_first():
     src = MarkovSource.random(order=2, vocab_size=3, seed=5)
-    model = counting.NGramCounts(order=2, vocab_size=3, alpha=0.3).fit(src.sample(3000, seed=0))
+    model = counting.NGramCounts(order=2, vocab_size=3, alpha=0.3).fit(src.sample(0, 3000))
     a = model.sample(7, 50, prefix=[1, 2])
     assert a.shape == (50,) and a.dtype == np.int32
     np.testing.assert_array_equal(a, model.sample(7, 50, prefix=[1, 2]))
@@ -115,7 +115,7 @@ def test_eval_windows_cut_consecutive_windows_with_shifted_targets():
 
 def test_count_model_approaches_the_source():
     src = MarkovSource.random(order=2, vocab_size=4, seed=1)
-    heldout = src.sample(50_000, seed=2)
-    model = counting.NGramCounts(order=2, vocab_size=4).fit(src.sample(200_000, seed=1))
+    heldout = src.sample(2, 50_000)
+    model = counting.NGramCounts(order=2, vocab_size=4).fit(src.sample(1, 200_000))
     gap = -model.conditional_log_probs(heldout).mean() + src.conditional_log_probs(heldout).mean()
     assert 0 <= gap < 0.005

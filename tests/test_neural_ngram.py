@@ -104,8 +104,8 @@ def test_low_temperature_sampling_is_greedy():
 
 def test_it_learns_a_markov_source_down_to_its_entropy_rate():
     src = MarkovSource.random(order=2, vocab_size=3, concentration=0.5, seed=0)
-    train = jnp.asarray(src.sample(20_000, seed=1))
-    valid = src.sample(4_000, seed=2)
+    train = jnp.asarray(src.sample(1, 20_000))
+    valid = src.sample(2, 4_000)
     model = ng.NeuralNGram(3, 2, 8, 32, rngs=nnx.Rngs(0))
 
     def eval_fn(m):

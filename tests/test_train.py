@@ -19,8 +19,8 @@ class Bigram(nnx.Module):
 
 def _setup(seed=0):
     src = data.MarkovSource.random(order=1, vocab_size=5, concentration=0.3, seed=seed)
-    tokens = jnp.asarray(src.sample(20_000, seed=1))
-    valid = src.sample(5_000, seed=2)
+    tokens = jnp.asarray(src.sample(1, 20_000))
+    valid = src.sample(2, 5_000)
 
     def loss_fn(m, batch):
         x, y = batch

@@ -29,7 +29,7 @@ def _joint_cases(rng):
         Case((_SOURCE.next_symbol_probs, np.array([0, 1, 2, 2, 1])), label="a 5-symbol sequence"),
         Case((_SOURCE.next_symbol_probs, np.array([2])), label="a single symbol"),
         Case((_uniform(4), rng.integers(0, 4, 7)), label="uniform model, 7 symbols"),
-        Case((_SOURCE.next_symbol_probs, _SOURCE.sample(1500, seed=3)),
+        Case((_SOURCE.next_symbol_probs, _SOURCE.sample(3, 1500)),
              label="1500 symbols (the product of probabilities underflows)"),
     ]
 
