@@ -12,34 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import speculative as sp
-from arcourse.course.grading import Case, CheckFailure, assert_matches, describe_call, register
-
-
-def _diagnosing_test(mistakes: dict, rtol: float = 1e-5, atol: float = 1e-6):
-    """A ``test`` comparing with the reference and naming the mistake an answer matches."""
-
-    def test(fn, ex):
-        cases = ex.make_cases()
-        for i, case in enumerate(cases):
-            label = case.label or f"case {i + 1}"
-            expected = ex.reference(*case.args, **case.kwargs)
-            got = fn(*case.args, **case.kwargs)
-            try:
-                assert_matches(got, expected, rtol=rtol, atol=atol,
-                               where=f"{label} (input: {describe_call(case)})")
-            except CheckFailure as failure:
-                for what, mistake in mistakes.items():
-                    try:
-                        assert_matches(got, mistake(*case.args, **case.kwargs), rtol=rtol,
-                                       atol=atol)
-                    except (CheckFailure, ValueError, TypeError, IndexError):
-                        continue
-                    raise CheckFailure(f"{failure}\n   your answer matches a classic mistake: "
-                                       f"{what}") from None
-                raise
-        return f"{len(cases)} cases"
-
-    return test
+from arcourse.course.grading import Case, register
 
 
 def _dist(rng, *shape, sharp=2.0):
@@ -75,7 +48,7 @@ register(
     points=2,
     reference=sp.accept_probability,
     cases=_accept_cases,
-    test=_diagnosing_test(ACCEPT_MISTAKES),
+    rtol=1e-5, atol=1e-6,
     wrong=ACCEPT_MISTAKES,
     hint="the chance of keeping a drafted token is the ratio of the target's probability to the "
          "draft's, but never more than 1",
@@ -130,7 +103,7 @@ register(
     points=2,
     reference=sp.residual_distribution,
     cases=_residual_cases,
-    test=_diagnosing_test(RESIDUAL_MISTAKES, atol=1e-6),
+    rtol=1e-5, atol=1e-6,
     wrong=RESIDUAL_MISTAKES,
     hint="keep only the part of p that exceeds q, then divide by its total over the last axis; "
          "when that total is 0, return p",
@@ -168,7 +141,7 @@ register(
     points=2,
     reference=sp.expected_tokens_per_call,
     cases=_expected_cases,
-    test=_diagnosing_test(EXPECTED_MISTAKES, rtol=1e-4, atol=1e-5),
+    rtol=1e-4, atol=1e-5,
     wrong=EXPECTED_MISTAKES,
     hint="a round emits 1 + (number of leading acceptances) tokens; P(at least i accepted) = "
          "alpha^i, and the expectation is a geometric sum",
@@ -229,7 +202,7 @@ register(
     points=3,
     reference=sp.speculative_verify,
     cases=_verify_cases,
-    test=_diagnosing_test(VERIFY_MISTAKES, atol=1e-6),
+    rtol=1e-5, atol=1e-6,
     wrong=VERIFY_MISTAKES,
     hint="walk the drafts left to right: keep draft i while u[i] < min(1, p_i(d_i)/q_i(d_i)); "
          "n is the length of that kept prefix; row n of p (and of q) decides the next token",
@@ -283,7 +256,7 @@ register(
     points=2,
     reference=sp.greedy_verify,
     cases=_greedy_cases,
-    test=_diagnosing_test(GREEDY_MISTAKES),
+    rtol=1e-5, atol=1e-6,
     wrong=GREEDY_MISTAKES,
     hint="compare each draft with the target's arg max at its position; n is the length of the "
          "matching prefix; the target's arg max at row n is the next token",
