@@ -83,7 +83,12 @@ def main() -> int:
                 figs = [s for s in imgs if "_images/" in s or s.startswith("data:image")]
                 missing = [s for s in figs if not s.startswith("data:") and
                            not (page.parent / s).resolve().is_file()]
-                external = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?://[^"]+)"', dom)
+                loaded = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?://[^"]+)"', dom)
+                # MathJax loads its extensions by absolute URL: from this server, it is the site
+                site = f"http://127.0.0.1:{port}/"
+                external = [u for u in loaded if not u.startswith(site)]
+                missing += [u for u in loaded if u.startswith(site)
+                            and not (HTML / u[len(site):].split("?")[0]).is_file()]
                 raw = page.read_text(encoding="utf-8")
                 wants_math = "math notranslate" in raw
                 wants_figs = raw.count("<img") - raw.count("logo")
