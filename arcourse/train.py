@@ -124,6 +124,8 @@ def data_parallel_devices(batch_example, devices=None) -> list:
                          f"got {devices!r}")
     if devices is None:
         devices = jax.devices()
+        if devices[0].platform == "cpu":  # simulated devices beyond the cores only add overhead
+            devices = devices[:_cores()]
     elif isinstance(devices, int | np.integer):
         n = check_int("devices", devices)
         if n > len(jax.devices()):
@@ -137,6 +139,10 @@ def data_parallel_devices(batch_example, devices=None) -> list:
         if all(len(x.shape) and x.shape[0] % n == 0 for x in leaves):
             return devices[:n]
     return devices[:1]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def use_every_core(count: int | None = None) -> int | None:
@@ -157,9 +163,7 @@ def use_every_core(count: int | None = None) -> int | None:
         if env:
             count = check_int("ARCOURSE_CPU_DEVICES", int(env))
         else:
-            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else os.cpu_count() or 1)
-            count = min(cores, 8)
+            count = min(_cores(), 8)
     count = check_int("count", count)
     if count <= 1:
         return None
@@ -206,7 +210,8 @@ def fit(
         best evaluation (early stopping on validation loss). ``None`` keeps the final parameters.
       seed: the seed of the batch sampling.
       devices: the devices to train data-parallel on: ``None`` (default) every device of the
-        default backend, an integer for the first ``n``, or a list; see
+        default backend (on a CPU, at most one per core: chapter 10's eight simulated devices
+        share two cores), an integer for the first ``n``, or a list; see
         :func:`data_parallel_devices`.
     """
     steps = check_int("steps", steps)
