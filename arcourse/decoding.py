@@ -63,6 +63,8 @@ __all__ = [
     "apply_repetition_penalty",
     "repetition_penalty",
     "process_logits",
+    "Settings",
+    "make_settings",
     "filtered_probs",
     "sample_token",
     "Decoder",
@@ -271,6 +273,13 @@ def _settings(temperature, top_k, top_p, min_p, repetition_penalty) -> Settings:
         penalty=jnp.asarray(1.0 if repetition_penalty is None else repetition_penalty,
                             jnp.float32),
     )
+
+
+def make_settings(temperature=1.0, top_k=None, top_p=None, min_p=None,
+                  repetition_penalty=None) -> Settings:
+    """The settings :func:`generate` uses, checked and as arrays; other decoders (speculative
+    decoding, chapter 12) take them from here so that they check and default alike."""
+    return _settings(temperature, top_k, top_p, min_p, repetition_penalty)
 
 
 def _process(logits, presence, s: Settings):

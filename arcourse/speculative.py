@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from arcourse._checks import check_int
-from arcourse.decoding import TOP_K_OFF, process_logits
+from arcourse.decoding import Settings, make_settings, process_logits
 from arcourse.gpt import GPT, KVCache
 from arcourse.layers import RMSNorm, SwiGLU
 
@@ -176,30 +176,12 @@ def greedy_verify(target_logits, draft_tokens):
 # --------------------------------------------------------------------------------------------
 # The decoding loop
 # --------------------------------------------------------------------------------------------
-class _Settings(NamedTuple):
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    min_p: jax.Array
+def _settings(temperature, top_k, top_p, min_p) -> Settings:
+    """The chapter-04 settings, checked and as arrays (traced: new values never recompile)."""
+    return make_settings(temperature, top_k, top_p, min_p)
 
 
-def _settings(temperature, top_k, top_p, min_p) -> _Settings:
-    if temperature is None or not float(temperature) >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer)
-                              or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0 < float(top_p) <= 1:
-        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
-    if min_p is not None and not 0 <= float(min_p) <= 1:
-        raise ValueError(f"min_p must lie in [0, 1] or be None, got {min_p!r}")
-    return _Settings(jnp.asarray(temperature, jnp.float32),
-                     jnp.asarray(TOP_K_OFF if top_k is None else top_k, jnp.int32),
-                     jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
-                     jnp.asarray(0.0 if min_p is None else min_p, jnp.float32))
-
-
-def _probs(logits, s: _Settings):
+def _probs(logits, s: Settings):
     """The distribution a token is drawn from after the chapter-04 processors: (..., V)."""
     z = process_logits(logits.astype(jnp.float32), temperature=s.temperature, top_k=s.top_k,
                        top_p=s.top_p, min_p=s.min_p)
