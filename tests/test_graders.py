@@ -164,3 +164,43 @@ def test_a_raised_jax_error_is_translated():
 
     r = check("welcome.softmax", shapes, quiet=True)
     assert r.outcome == "error" and "shapes do not line up" in r.message, r.message
+
+
+def _code_lines(fn) -> list[str]:
+    """The statements of ``fn``'s source worth hiding: no signature, docstring, comment or
+    trivial line (``return x``), whitespace squeezed."""
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return []
+    lines, in_doc = [], False
+    for raw in src.splitlines():
+        line = raw.split("#")[0].strip()
+        if line.count('"""') == 1 or line.count("'''") == 1:
+            in_doc = not in_doc
+            continue
+        if in_doc or not line or line.startswith(("def ", "@", '"""', "'''", "register(")):
+            continue
+        line = re.sub(r"\s+", "", line.removeprefix("return "))
+        if len(line) >= 10:
+            lines.append(line)
+    return lines
+
+
+@pytest.mark.parametrize("exercise_id", IDS)
+def test_hints_never_hand_over_the_reference_code(exercise_id):
+    """A hint says what is wrong and which idea to use; it never contains a line of the
+    reference's code: not the stronger hint (hint=2), and not the names of the classic mistakes
+    that a first-level diagnosis prints (the rest of a diagnosis is the platform's own text)."""
+    import re
+
+    ex = EXERCISES[exercise_id]
+    code = _code_lines(ex.reference)
+    texts = {"hint": ex.hint, **{f"mistake name {name!r}": name for name in ex.wrong}}
+    for where, text in texts.items():
+        squeezed = re.sub(r"\s+", "", text or "")
+        for line in code:
+            assert line not in squeezed, f"{where} of {exercise_id} contains the reference's code {line!r}"

@@ -171,3 +171,64 @@ def test_toc_and_readme_list_every_chapter(tmp_path):
     (root / "README.md").write_text("| 00 | [welcome](solutions/00_welcome.md) | x |\n")
     assert "chapters/07_new" in authoring.toc_text(root)
     assert "07" not in authoring.readme_chapter_rows(root)
+
+
+def _claim_calls():
+    """(chapter, claim-name node) for every ``claim(...)`` call in the chapters' code cells."""
+    import ast
+
+    for md in authoring.chapter_sources():
+        nb = jupytext.read(md)
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            src = "\n".join(x for x in cell.source.splitlines() if not x.lstrip().startswith(("%", "!")))
+            for node in ast.walk(ast.parse(src)):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id == "claim" and node.args):
+                    yield md.stem, node.args[0]
+
+
+def test_every_claim_has_a_recorded_full_mode_value():
+    """Quick mode prints each claim's full-mode value beside the quick one: every claim is named
+    by a literal string, unique in the course, and ``make verify`` has recorded its value at seed
+    offset 0 in arcourse/course/full_values/<chapter>.json."""
+    import ast
+
+    from arcourse.course.verify import FULL_VALUES_DIR
+
+    seen: dict[str, str] = {}
+    missing = []
+    for chapter, node in _claim_calls():
+        assert isinstance(node, ast.Constant) and isinstance(node.value, str), (
+            f"{chapter}: a claim's name must be a plain string literal (line {node.lineno})")
+        name = node.value
+        assert name not in seen, f"claim {name!r} is made by both {seen[name]} and {chapter}"
+        seen[name] = chapter
+        path = FULL_VALUES_DIR / f"{chapter}.json"
+        recorded = json.loads(path.read_text())["seeds"].get("0", {}) if path.exists() else {}
+        if name not in recorded:
+            missing.append(f"{chapter}: {name}")
+    assert seen, "no claims found"
+    assert not missing, "no full-mode value recorded (run make verify):\n" + "\n".join(missing)
+
+
+def test_quick_mode_claim_prints_the_full_mode_value(tmp_path, monkeypatch, capsys):
+    from arcourse.course import verify
+
+    monkeypatch.setenv("ARCOURSE_QUICK", "1")
+    monkeypatch.setattr(verify, "FULL_VALUES_DIR", tmp_path)
+    verify.full_values.cache_clear()
+    try:
+        verify.record_full_values("99_demo", 0, [{"name": "demo loss", "value": 0.0034}], 12.0)
+        verify.record_full_values("99_demo", 1, [{"name": "demo loss", "value": 0.0041}], 13.0)
+        assert verify.claim("demo loss", 0.41, at_most=0.01) is None
+        out = capsys.readouterr().out
+        assert "0.4100" in out and "full mode reached 0.0034" in out, out
+        verify.claim("never recorded", 1.0, at_least=0.0)
+        assert "not recorded" in capsys.readouterr().out
+        # a later run at seed 0 replaces that seed's table: a claim no longer made disappears
+        verify.record_full_values("99_demo", 0, [{"name": "other", "value": 1.0}], 12.0)
+        assert "0" not in verify.full_values()["demo loss"]
+    finally:
+        verify.full_values.cache_clear()

@@ -308,7 +308,7 @@ def _narrow_not_offset(low, high, cum_low, cum_high, total):
 
 
 NARROW_MISTAKES = {
-    "the range is r = high - low + 1 (both ends are inside the interval): the +1 is missing":
+    "the width of [low, high] is one integer short: both ends are inside the interval":
         _narrow_no_plus_one,
     "the new high is the last integer INSIDE the symbol's slice: the -1 is missing":
         _narrow_no_minus_one,
