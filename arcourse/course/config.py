@@ -31,7 +31,8 @@ def mode_banner() -> str:
     import jax
 
     if is_quick():
-        mode = "QUICK mode (ARCOURSE_QUICK=1): tiny budgets, numbers not meaningful"
+        mode = ("QUICK mode (ARCOURSE_QUICK=1): tiny budgets; each claim prints the value "
+                "full mode reaches beside the quick one")
     else:
         mode = "FULL mode: the budgets and numbers the text describes"
     offset = seed(0)
