@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     v = sub.add_parser("verify", help="run every chapter in full mode and check its claims")
     v.add_argument("chapters", nargs="*", help="chapter numbers or slugs (default: all)")
+    v.add_argument("--quick", action="store_true",
+                   help="run in quick mode and judge only the run time (at most 30 s a chapter)")
 
     args = parser.parse_args(argv)
     if args.command == "grade":
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         from arcourse.course.verify_run import run_verify
 
-        return run_verify(args.chapters)
+        return run_verify(args.chapters, quick=args.quick)
     return 2
 
 
