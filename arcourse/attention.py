@@ -13,6 +13,9 @@ r"""Causal self-attention and the pieces of the modern transformer block.
   al. 2023): $H$ query heads share $G$ key/value heads, $H/G$ query heads per group; $G = H$ is
   multi-head attention, $G = 1$ multi-query attention (Shazeer 2019). It runs on a whole sequence
   (training, prefill) or one token at a time against a key/value cache (decoding).
+* :func:`gqa_attention` — causal grouped-query attention on flat projections (T, H d_head) and
+  (T, G d_head): head $h$ is features $h d_{head} .. (h+1) d_{head} - 1$ and reads key/value head
+  $\lfloor h G / H \rfloor$ (the chapter-06 exercise's reference).
 * :func:`kv_cache_bytes_per_token` — $2 \cdot L \cdot G \cdot d_{head} \cdot$ bytes per number.
 """
 
@@ -41,6 +44,7 @@ __all__ = [
     "LayerKV",
     "CausalSelfAttention",
     "attend_with_cache",
+    "gqa_attention",
     "grouped_attention_weights",
     "kv_cache_bytes_per_token",
 ]
@@ -248,6 +252,31 @@ def attend_with_cache(q, k_new, v_new, k_cache, v_cache, pos):
     out = scaled_dot_product_attention(q[:, None, :], k_cache.swapaxes(0, 1),
                                        v_cache.swapaxes(0, 1), mask)
     return out[:, 0, :], k_cache, v_cache
+
+
+def gqa_attention(q, k, v, num_heads: int, num_kv_heads: int):
+    r"""Causal grouped-query attention on flat projections, one sequence.
+
+    ``q`` (T, H * d) holds the H query heads side by side (head $h$ is features
+    $h d .. (h+1) d - 1$), ``k`` and ``v`` (T, G * d) the G key/value heads in the same layout.
+    Query head $h$ attends, causally and with scores divided by $\sqrt d$, over key/value head
+    $g(h) = \lfloor h G / H \rfloor$: the heads are grouped, $H/G$ consecutive query heads per
+    key/value head. Returns the heads' outputs side by side again, (T, H * d): the layout
+    :class:`CausalSelfAttention` feeds to $W^O$.
+    """
+    num_heads, num_kv_heads = _check_int("num_heads", num_heads), _check_int("num_kv_heads",
+                                                                             num_kv_heads)
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
+    T, width = q.shape
+    if width % num_heads or k.shape != (T, width // num_heads * num_kv_heads) or k.shape != v.shape:
+        raise ValueError(f"q must be (T, H*d) and k, v (T, G*d) with H={num_heads}, "
+                         f"G={num_kv_heads}; got {q.shape}, {k.shape}, {v.shape}")
+    d = width // num_heads
+    out = _grouped_attention(q.reshape(1, T, num_heads, d), k.reshape(1, T, num_kv_heads, d),
+                             v.reshape(1, T, num_kv_heads, d), causal_mask(T)[None])
+    return out.reshape(T, width)
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,

@@ -13,7 +13,8 @@ A GPT implements the course's decoding interface (``arcourse.decoding``) with a 
 (:class:`KVCache`) as its state: :meth:`GPT.prefill` runs the prompt in one parallel pass and
 stores every layer's keys and values, then :meth:`GPT.step` feeds one token per row, computing
 only that token's queries, keys and values. :class:`UncachedGPT` is the naive decoder with the
-same interface, rerunning the whole forward pass at every step.
+same interface, rerunning the whole forward pass at every step. :class:`CroppedGPT` generates
+past the trained context the standard way, running the model on the last ``context`` tokens only.
 
 :func:`copy_task` is a synthetic task where attention's direct access to the past wins: a random
 string followed by its exact repeat.
@@ -44,6 +45,7 @@ __all__ = [
     "GPT",
     "KVCache",
     "UncachedGPT",
+    "CroppedGPT",
     "copy_task",
     "num_params",
 ]
@@ -297,6 +299,48 @@ class UncachedGPT(nnx.Module):
         buf, n = state
         buf = jax.lax.dynamic_update_slice_in_dim(buf, tokens[:, None].astype(buf.dtype), n, 1)
         logits = jax.lax.dynamic_index_in_dim(self.model(buf), n, 1, keepdims=False)
+        return logits, (buf, n + 1)
+
+
+class CroppedGPT(nnx.Module):
+    """Generating past the trained context the standard way (GPT-2's sampling code, nanoGPT): every
+    step runs ``model`` on the last ``window`` tokens only (default ``model.cfg.context``), so the
+    positions restart at 0 in every window and the model never meets a position, or a
+    query-key offset, beyond those it was trained on. No KV cache: once the window slides, the
+    first token is dropped, and every later position's keys and values above the first layer
+    depended on it, so each step recomputes the window. Its state is
+    ``(tokens (B, window), length)``; ``max_len`` is not limited by the window."""
+
+    def __init__(self, model: GPT, window: int | None = None):
+        if not isinstance(model, GPT):
+            raise TypeError(f"model must be a GPT, got {type(model).__name__}")
+        self.model = model
+        self.window = model.cfg.context if window is None else _check_int("window", window)
+        if self.window > model.cfg.context and model.cfg.position == "learned":
+            raise ValueError(f"window={self.window} exceeds the learned position table "
+                             f"(context={model.cfg.context})")
+
+    def init_state(self, batch_size: int, max_len: int):
+        batch_size, _ = _check_int("batch_size", batch_size), _check_int("max_len", max_len)
+        return jnp.zeros((batch_size, self.window), jnp.int32), jnp.zeros((), jnp.int32)
+
+    def prefill(self, state, prompt):
+        buf, _ = state
+        prompt = jnp.asarray(prompt).astype(buf.dtype)
+        P, W = prompt.shape[1], self.window
+        if P >= W:
+            buf = prompt[:, -W:]
+            return self.model(buf)[:, -1], (buf, jnp.asarray(P, jnp.int32))
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, prompt, 0, 1)
+        return self.model(buf)[:, P - 1], (buf, jnp.asarray(P, jnp.int32))
+
+    def step(self, state, tokens):
+        buf, n = state
+        W = self.window
+        buf = jnp.where(n >= W, jnp.roll(buf, -1, axis=1), buf)  # a full window slides by one
+        at = jnp.minimum(n, W - 1)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, tokens[:, None].astype(buf.dtype), at, 1)
+        logits = jax.lax.dynamic_index_in_dim(self.model(buf), at, 1, keepdims=False)
         return logits, (buf, n + 1)
 
 

@@ -228,3 +228,30 @@ def test_a_bool_is_not_an_integer():
         A.causal_mask(True)
     with pytest.raises(ValueError, match="num_heads"):
         A.CausalSelfAttention(8, True, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("h,g", [(4, 4), (4, 2), (4, 1), (6, 3)])
+def test_gqa_attention_on_flat_projections_is_the_layer_without_its_projections(h, g):
+    """gqa_attention(x W^Q, x W^K, x W^V) W^O is CausalSelfAttention (no RoPE): head h is the
+    feature block h*d..(h+1)*d-1 and reads key/value head h // (H/G)."""
+    T, dh = 5, 4
+    m = A.CausalSelfAttention(h * dh, h, num_kv_heads=g, use_rope=False, rngs=nnx.Rngs(7))
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(T, h * dh)), jnp.float32)
+    q, k, v = x @ m.wq.kernel[...], x @ m.wk.kernel[...], x @ m.wv.kernel[...]
+    got = A.gqa_attention(q, k, v, h, g) @ m.wo.kernel[...]
+    np.testing.assert_allclose(got, m(x[None])[0], rtol=1e-5, atol=1e-5)
+    # head by head, with key/value head h // (H/G)
+    heads = [A.scaled_dot_product_attention(q[:, i * dh:(i + 1) * dh],
+                                            k[:, (i // (h // g)) * dh:(i // (h // g) + 1) * dh],
+                                            v[:, (i // (h // g)) * dh:(i // (h // g) + 1) * dh],
+                                            A.causal_mask(T)) for i in range(h)]
+    np.testing.assert_allclose(A.gqa_attention(q, k, v, h, g), jnp.concatenate(heads, -1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_attention_validates_its_shapes():
+    q, k = jnp.zeros((3, 8)), jnp.zeros((3, 4))
+    with pytest.raises(ValueError, match="divisible"):
+        A.gqa_attention(q, k, k, 4, 3)
+    with pytest.raises(ValueError, match="G=1"):
+        A.gqa_attention(q, k, k, 4, 1)  # G = 1 wants k of width 2

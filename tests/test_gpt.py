@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from arcourse import causality, decoding
 from arcourse.attention import kv_cache_bytes_per_token
-from arcourse.gpt import GPT, GPTConfig, UncachedGPT, copy_task, num_params
+from arcourse.gpt import GPT, CroppedGPT, GPTConfig, UncachedGPT, copy_task, num_params
 from arcourse.losses import lm_loss
 from arcourse.rnn import CharRNN
 
@@ -96,6 +96,34 @@ def test_uncached_decoder_steps_give_the_forward_logits(model):
         logits, state = dec.step(state, x[:, t])
         got.append(logits)
     np.testing.assert_allclose(jnp.stack(got, 1), model(x)[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_cropped_decoder_runs_the_model_on_the_last_window_tokens(model):
+    """Within the window it is the full forward pass; past it, each step's logits are those of
+    the model run on the last ``window`` tokens alone (positions restarting at 0)."""
+    W = 5
+    x = _tokens(jax.random.key(8))
+    dec = CroppedGPT(model, window=W)
+    logits, state = dec.prefill(dec.init_state(2, T), x[:, :3])
+    got = [logits]
+    for t in range(3, T):
+        logits, state = dec.step(state, x[:, t])
+        got.append(logits)
+    want = [model(x[:, max(0, t + 1 - W): t + 1])[:, -1] for t in range(2, T)]
+    np.testing.assert_allclose(jnp.stack(got, 1), jnp.stack(want, 1), rtol=1e-5, atol=1e-5)
+    # a prompt longer than the window is cropped too
+    logits, _ = dec.prefill(dec.init_state(2, T), x[:, :8])
+    np.testing.assert_allclose(logits, model(x[:, 3:8])[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_cropped_decoder_generates_past_the_context():
+    model = _model(position="learned")  # context T + 4: a learned table cannot go further
+    decoding.check_decoder(CroppedGPT(model))
+    out = decoding.generate(CroppedGPT(model), _tokens(jax.random.key(2))[:, :4], 3 * T,
+                            jax.random.key(0))
+    assert out.shape == (2, 3 * T)
+    with pytest.raises(ValueError, match="window"):
+        CroppedGPT(model, window=T + 5)
 
 
 def test_a_retrained_model_reuses_the_compiled_loop():
