@@ -15,6 +15,13 @@ which is what teacher forcing with shifted targets needs.
 
 :func:`sample` runs the model free (each drawn symbol is fed back as input) inside one compiled
 ``lax.scan``, and returns the model's own log-probability of every symbol it drew.
+
+A model that sees $n$ symbols is itself an order-$n$ Markov chain over the $V$ symbols, so on a
+small alphabet everything about it can be computed exactly, without sampling:
+:func:`transition_table` lists $p_\theta(x \mid c)$ for all $V^n$ contexts, :func:`context_step`
+moves a distribution over contexts one generated symbol forward, :func:`stationary_contexts`
+gives the contexts a chain visits in the long run, and :func:`kl_rows` the divergence between
+two next-symbol distributions in every context. Chapter 02 measures exposure bias with them.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from arcourse._checks import check_int
 
-__all__ = ["NeuralNGram", "context_windows", "sample"]
+__all__ = ["NeuralNGram", "context_windows", "sample", "all_contexts", "transition_table",
+           "context_step", "stationary_contexts", "kl_rows"]
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -130,3 +139,76 @@ def sample(key: jax.Array, model: NeuralNGram, batch_size: int, length: int, *,
     graphdef, state = nnx.split(model)
     return _sample(graphdef, state, key, jnp.float32(temperature),
                    batch_size=batch_size, length=length)
+
+
+# --------------------------------------------------------------------------------------------
+# The model as a Markov chain: exact context distributions and divergences
+# --------------------------------------------------------------------------------------------
+def all_contexts(vocab_size: int, context: int) -> np.ndarray:
+    r"""Every window of ``context`` symbols, ``int32[V**n, n]``, oldest first.
+
+    Row $i$ is $i$ written in base $V$ with the oldest symbol most significant, the order of
+    ``MarkovSource`` contexts (no padding symbol: these are the contexts of a running chain).
+    """
+    V = _check_positive_int("vocab_size", vocab_size)
+    n = _check_positive_int("context", context)
+    ids = np.arange(V**n)
+    return np.stack([(ids // V ** (n - 1 - j)) % V for j in range(n)], axis=1).astype(np.int32)
+
+
+def transition_table(model: NeuralNGram) -> np.ndarray:
+    r"""$p_\theta(x \mid c)$ for every context $c$ of :func:`all_contexts`: ``float64[V**n, V]``."""
+    ctx = jnp.asarray(all_contexts(model.vocab_size, model.context))
+    logp = jax.nn.log_softmax(model.next_logits(ctx).astype(jnp.float32), axis=-1)
+    p = np.exp(np.asarray(logp, np.float64))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def _check_table(table) -> tuple[np.ndarray, int]:
+    table = np.asarray(table, np.float64)
+    if table.ndim != 2 or table.shape[1] < 2:
+        raise ValueError(f"table must have shape (V**n, V), got {table.shape}")
+    V, C = table.shape[1], table.shape[0]
+    n = round(np.log(C) / np.log(V))
+    if V**n != C:
+        raise ValueError(f"table has {C} rows, not a power of V = {V}")
+    return table, V
+
+
+def context_step(dist, table) -> np.ndarray:
+    r"""One generated symbol later: $d'(c_2 \dots c_n x) = \sum_{c_1} d(c_1 \dots c_n)\, T[c, x]$.
+
+    ``dist`` ``float[V**n]`` is a distribution over the current window, ``table`` ``[V**n, V]``
+    the chain's next-symbol probabilities; the result is the distribution of the next window.
+    """
+    table, V = _check_table(table)
+    dist = np.asarray(dist, np.float64)
+    if dist.shape != table.shape[:1]:
+        raise ValueError(f"dist must have shape {table.shape[:1]}, got {dist.shape}")
+    return (dist[:, None] * table).reshape(V, -1).sum(axis=0)
+
+
+def stationary_contexts(table, *, tol: float = 1e-13, max_steps: int = 100_000) -> np.ndarray:
+    r"""The long-run distribution of the window of a chain that draws from ``table``.
+
+    Power iteration of :func:`context_step` from the uniform distribution, until two iterates
+    differ by less than ``tol`` in total variation.
+    """
+    table, _ = _check_table(table)
+    dist = np.full(table.shape[0], 1.0 / table.shape[0])
+    for _ in range(max_steps):
+        new = context_step(dist, table)
+        if 0.5 * np.abs(new - dist).sum() < tol:
+            return new
+        dist = new
+    raise RuntimeError(f"the context chain did not converge in {max_steps} steps")
+
+
+def kl_rows(p, q) -> np.ndarray:
+    r"""$\mathrm{KL}(p_c \,\|\, q_c) = \sum_x p_c(x) \ln \frac{p_c(x)}{q_c(x)}$ for every row $c$."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"p and q must have the same shape, got {p.shape} and {q.shape}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return terms.sum(axis=-1)

@@ -118,3 +118,71 @@ def test_it_learns_a_markov_source_down_to_its_entropy_rate():
     nll = float(eval_fn(model)["nll"])
     true = -float(np.mean(src.conditional_log_probs(valid)))
     assert nll - true < 0.03, (nll, true)
+
+
+# ---- the model as a Markov chain: exact context distributions ------------------------------
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 4), st.integers(1, 4), st.integers(0, 2**16))
+def test_all_contexts_are_numbered_like_the_markov_source(vocab, n, seed):
+    """Row i of all_contexts is the context MarkovSource numbers i (oldest symbol first)."""
+    ctx = ng.all_contexts(vocab, n)
+    assert ctx.shape == (vocab**n, n) and len({tuple(r) for r in ctx}) == vocab**n
+    src = MarkovSource.random(order=n, vocab_size=vocab, seed=seed % 100)
+    seq = src.sample(seed, 40)
+    ids = src.context_ids(seq)
+    for t, i in enumerate(ids):
+        np.testing.assert_array_equal(ctx[i], seq[t : t + n])
+
+
+def test_transition_table_is_the_model_on_every_context():
+    model = MODELS[2]
+    table = ng.transition_table(model)
+    assert table.shape == (V**2, V)
+    np.testing.assert_allclose(table.sum(1), 1.0, atol=1e-12)
+    ctx = ng.all_contexts(V, 2)
+    logits = model(jnp.asarray(ctx))[:, -1]  # the last position sees the whole (unpadded) window
+    np.testing.assert_allclose(table, np.asarray(jax.nn.softmax(logits, -1)), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(2, 3), st.integers(1, 2), st.integers(0, 2), st.integers(0, 2**16))
+def test_stationary_contexts_of_a_source_extend_its_stationary_law(vocab, k, extra, seed):
+    """Read as a chain over windows of n >= k symbols, a source visits them in its own stationary
+    law: the window distribution is a fixed point of context_step, and its marginal over the
+    last k symbols is MarkovSource.stationary."""
+    src = MarkovSource.random(order=k, vocab_size=vocab, seed=seed)
+    n = k + extra
+    table = src.transitions[np.arange(vocab**n) % vocab**k]
+    pi = ng.stationary_contexts(table)
+    assert abs(pi.sum() - 1) < 1e-12 and pi.min() >= 0
+    np.testing.assert_allclose(ng.context_step(pi, table), pi, atol=1e-11)
+    np.testing.assert_allclose(pi.reshape(vocab**extra, vocab**k).sum(0), src.stationary,
+                               atol=1e-8)
+
+
+def test_context_step_is_one_generated_symbol():
+    """From a point mass on one window, one step puts the table's row on the shifted windows."""
+    src = MarkovSource.random(order=2, vocab_size=3, seed=1)
+    table = src.transitions
+    d = np.zeros(9)
+    d[5] = 1.0  # the window (1, 2)
+    new = ng.context_step(d, table)
+    want = np.zeros(9)
+    want[[6, 7, 8]] = table[5]  # the windows (2, x)
+    np.testing.assert_allclose(new, want)
+
+
+def test_kl_rows_and_the_teacher_forced_gap():
+    """KL(p || q) >= 0 with equality at q = p, and under the source's own windows its average is
+    exactly the model's cross-entropy rate minus the entropy rate (what teacher forcing sees)."""
+    src = MarkovSource.random(order=2, vocab_size=V, seed=3)
+    model = MODELS[2]
+    q, p = ng.transition_table(model), src.transitions
+    kl = ng.kl_rows(p, q)
+    assert kl.shape == (V**2,) and kl.min() >= 0
+    np.testing.assert_allclose(ng.kl_rows(p, p), 0.0, atol=1e-12)
+    pi = ng.stationary_contexts(p)
+    cross = -np.sum(pi[:, None] * p * np.log(q))
+    np.testing.assert_allclose(pi @ kl, cross - src.entropy_rate(), rtol=1e-9)
+    with pytest.raises(ValueError, match="power"):
+        ng.context_step(np.ones(5) / 5, np.ones((5, 3)) / 3)
