@@ -16,6 +16,10 @@ side in the order given below (the order Flax uses, so the tests can compare on 
   $r = \sigma(x W^r_x + b^r + h W^r_h)$, $z = \sigma(x W^z_x + b^z + h W^z_h)$,
   $n = \tanh(x W^n_x + b^n + r \odot (h W^n_h))$, $h_t = (1 - z) \odot n + z \odot h_{t-1}$
 
+The gated cells take ``keep_bias``, the initial bias of the gate that keeps the old state:
+the LSTM's forget gate (default 1, Jozefowicz et al. 2015) and the GRU's update gate (default 0, as
+in Flax and PyTorch; chapter 03 measures how much longer a bias of 1 keeps the gradient alive).
+
 Each cell splits its work in two: :meth:`project` computes $x W_x + b$ (for a whole sequence at
 once: one large matrix product) and :meth:`recur` does the sequential part. :class:`CharRNN`
 unrolls a cell with ``jax.lax.scan`` (teacher forcing) and implements the course's decoding
@@ -25,6 +29,8 @@ step, however long the text. :func:`sample_loop` is that loop written out (chapt
 """
 
 from __future__ import annotations
+
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +52,7 @@ __all__ = [
     "python_unroll",
     "sample_loop",
     "input_gradient_norms",
+    "state_jacobian_norms",
 ]
 
 
@@ -96,21 +103,35 @@ class _Cell(nnx.Module):
     """Shared parts: the weights ``W_x (D, G H)``, ``W_h (H, G H)``, ``b (G H,)``."""
 
     gates = 1
+    keep_block = None  # the gate block whose bias keep_bias sets (None: no such gate)
+    default_keep_bias = 0.0
 
-    def __init__(self, in_features: int, hidden_size: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, hidden_size: int, *, rngs: nnx.Rngs,
+                 keep_bias: float | None = None):
         _check_size("in_features", in_features)
         _check_size("hidden_size", hidden_size)
+        if keep_bias is not None and self.keep_block is None:
+            raise ValueError(f"{type(self).__name__} has no gate that keeps the state: keep_bias "
+                             "applies to the LSTM (forget gate) and the GRU (update gate)")
+        if keep_bias is not None and (isinstance(keep_bias, bool)
+                                      or not isinstance(keep_bias, numbers.Real)):
+            raise ValueError(f"keep_bias must be a number, got {keep_bias!r}")
         self.in_features = in_features
         self.hidden_size = hidden_size
+        # not kept as an attribute: cells that differ only in it share one compiled program
+        keep = float(self.default_keep_bias if keep_bias is None else keep_bias)
         G, H = self.gates, hidden_size
         self.W_x = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (in_features, G * H)))
         # One orthogonal (H, H) block per gate: the recurrent map starts norm-preserving.
         ortho = nnx.initializers.orthogonal()
         self.W_h = nnx.Param(jnp.concatenate([ortho(rngs.params(), (H, H)) for _ in range(G)], 1))
-        self.b = nnx.Param(self._initial_bias())
+        self.b = nnx.Param(self._initial_bias(keep))
 
-    def _initial_bias(self):
-        return jnp.zeros((self.gates * self.hidden_size,))
+    def _initial_bias(self, keep_bias: float):
+        H, b = self.hidden_size, jnp.zeros((self.gates * self.hidden_size,))
+        if self.keep_block is None:
+            return b
+        return b.at[self.keep_block * H : (self.keep_block + 1) * H].set(keep_bias)
 
     def project(self, x):
         r"""The input part $x W_x + b$, for any leading shape: (..., D) -> (..., G H)."""
@@ -144,13 +165,12 @@ class RNNCell(_Cell):
 
 
 class LSTMCell(_Cell):
-    r"""LSTM cell, carry $(c, h)$; the forget-gate bias starts at 1 (Jozefowicz et al. 2015)."""
+    r"""LSTM cell, carry $(c, h)$; the forget-gate bias starts at ``keep_bias`` = 1 by default
+    (Jozefowicz et al. 2015), so an untrained cell keeps about $\sigma(1) = 0.73$ of its memory."""
 
     gates = 4
-
-    def _initial_bias(self):
-        H = self.hidden_size
-        return jnp.zeros((4 * H,)).at[H : 2 * H].set(1.0)
+    keep_block = 1  # i, f, g, o: the forget gate
+    default_keep_bias = 1.0
 
     def init_carry(self, batch_size: int):
         z = jnp.zeros((batch_size, self.hidden_size))
@@ -168,9 +188,14 @@ class LSTMCell(_Cell):
 
 
 class GRUCell(_Cell):
-    r"""GRU cell: reset gate $r$, update gate $z$, candidate $n$ (Flax's / cuDNN's variant)."""
+    r"""GRU cell: reset gate $r$, update gate $z$, candidate $n$ (Flax's variant; cuDNN's and
+    PyTorch's also add a hidden-side bias inside the reset: $r \odot (h W^n_h + b^n_h)$).
+
+    The update-gate bias starts at ``keep_bias`` (default 0, so $z \approx 0.5$ and the state is
+    half replaced at every step; 1 gives $z \approx 0.73$, the LSTM's forget gate at its start)."""
 
     gates = 3
+    keep_block = 1  # r, z, n: the update gate
 
     def recur(self, h, xp):
         x_r, x_z, x_n = jnp.split(xp, 3, axis=-1)
@@ -217,11 +242,12 @@ class CharRNN(nnx.Module):
 
     $p(x_{t+1} \mid x_{\le t}) = \mathrm{softmax}(h_t W_o + b_o)$ where $h_t$ is the cell's state
     after reading $x_1 \dots x_t$. With ``embed_size=None`` the input is one-hot, so $x W_x$ is
-    just row $x$ of $W_x$ (no separate embedding table).
+    just row $x$ of $W_x$ (no separate embedding table). ``keep_bias`` goes to a gated cell (see
+    the module docstring); ``None`` keeps the cell's default.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, *, cell: str = "lstm",
-                 embed_size: int | None = None, rngs: nnx.Rngs):
+                 embed_size: int | None = None, keep_bias: float | None = None, rngs: nnx.Rngs):
         _check_size("vocab_size", vocab_size, 2)
         _check_size("hidden_size", hidden_size)
         if cell not in CELLS:
@@ -233,7 +259,8 @@ class CharRNN(nnx.Module):
         self.cell_type = cell
         self.embed = (nnx.Embed(vocab_size, embed_size, rngs=rngs)
                       if embed_size is not None else None)
-        self.cell = CELLS[cell](embed_size or vocab_size, hidden_size, rngs=rngs)
+        extra = {} if keep_bias is None else {"keep_bias": keep_bias}
+        self.cell = CELLS[cell](embed_size or vocab_size, hidden_size, rngs=rngs, **extra)
         self.out = nnx.Linear(hidden_size, vocab_size, rngs=rngs)
 
     # ------------------------------------------------ the decoding interface (arcourse.decoding)
@@ -307,9 +334,13 @@ def input_gradient_norms(cell: _Cell, xp, key=None):
     recurrence at each step) and $u$ a fixed random unit direction. Entry ``k`` of the result says
     how strongly an input ``k`` steps back can still move the final state: backpropagation through
     time multiplies one Jacobian $\partial h_t / \partial h_{t-1}$ per step, and for a vanilla RNN
-    that product shrinks (or grows) geometrically.
+    that product shrinks (or grows) geometrically. Compiled once per kind and size of cell.
     """
-    key = jax.random.key(0) if key is None else key
+    return _input_gradient_norms(cell, xp, jax.random.key(0) if key is None else key)
+
+
+@nnx.jit
+def _input_gradient_norms(cell: _Cell, xp, key):
     B = xp.shape[0]
     u = jax.random.normal(key, (cell.hidden_size,))
     u = u / jnp.linalg.norm(u)
@@ -321,3 +352,27 @@ def input_gradient_norms(cell: _Cell, xp, key=None):
     g = jax.grad(final)(xp)  # (B, T, G H)
     norms = jnp.linalg.norm(g, axis=-1).mean(0)  # (T,)
     return norms[::-1]
+
+
+def state_jacobian_norms(step, h0, xs):
+    r"""$\| \partial h_T / \partial h_{T-k} \|_2$ (spectral norm) for $k = 0 \dots T$, batch of one.
+
+    ``step(h, x) -> h'`` is one step of a cell whose carry is a single array ``h`` (H,), ``h0`` the
+    state before the first input and ``xs`` (T, D) the inputs. The states are
+    $h_t = \text{step}(h_{t-1}, x_t)$; by the chain rule
+    $\partial h_T / \partial h_{T-k} = J_T J_{T-1} \cdots J_{T-k+1}$ with
+    $J_t = \partial h_t / \partial h_{t-1}$ (the identity for $k = 0$). Returns float32[T + 1].
+    """
+    def body(h, x):
+        h_new = step(h, x)
+        return h_new, jax.jacobian(step)(h, x)
+
+    _, jacs = jax.lax.scan(body, h0, xs)  # jacs[t] = d h_{t+1} / d h_t
+    eye = jnp.eye(h0.shape[-1], dtype=jacs.dtype)
+
+    def back(prod, J):  # walk from the last step backwards: prod = J_T ... J_t
+        prod = prod @ J
+        return prod, jnp.linalg.norm(prod, ord=2)
+
+    _, norms = jax.lax.scan(back, eye, jacs[::-1])
+    return jnp.concatenate([jnp.ones((1,), norms.dtype), norms])

@@ -361,3 +361,82 @@ def test_recall_task_argument_errors():
         RecallTask(gap=0)
     with pytest.raises(ValueError, match="num_segments"):
         RecallTask().sample(jax.random.key(0), 2, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# The keeping gate's initial bias, and ||dh_T / dh_{T-k}||
+# --------------------------------------------------------------------------------------------
+def test_keep_bias_sets_the_gate_that_keeps_the_state():
+    H = 4
+    gru = np.asarray(GRUCell(3, H, rngs=nnx.Rngs(0)).b[...])
+    np.testing.assert_array_equal(gru, 0.0)  # the default is unchanged: Flax's and PyTorch's
+    gru = np.asarray(GRUCell(3, H, keep_bias=1.0, rngs=nnx.Rngs(0)).b[...])
+    np.testing.assert_array_equal(gru[H:2 * H], 1.0)  # blocks r, z, n: the update gate
+    np.testing.assert_array_equal(np.r_[gru[:H], gru[2 * H:]], 0.0)
+    lstm = np.asarray(LSTMCell(3, H, keep_bias=0.0, rngs=nnx.Rngs(0)).b[...])
+    np.testing.assert_array_equal(lstm, 0.0)
+    m = CharRNN(5, H, cell="gru", keep_bias=2.0, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(m.cell.b[...])[H:2 * H], 2.0)
+    # the weights are drawn as before: only the bias differs
+    a, b = GRUCell(3, H, rngs=nnx.Rngs(0)), GRUCell(3, H, keep_bias=1.0, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(a.W_h[...], b.W_h[...])
+    with pytest.raises(ValueError, match="keep_bias"):
+        RNNCell(3, H, keep_bias=1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="keep_bias"):
+        CharRNN(5, H, cell="rnn", keep_bias=1.0, rngs=nnx.Rngs(0))
+
+
+def _unrolled_jacobian_norms(step, h0, xs):
+    """||dh_T / dh_{T-k}||_2 straight from jax.jacobian of k steps, without the step product."""
+    hs = [h0]
+    for x in xs:
+        hs.append(step(hs[-1], x))
+    T, out = len(xs), []
+    for k in range(T + 1):
+        def last_state(h, k=k):
+            for x in xs[T - k:]:
+                h = step(h, x)
+            return h
+        out.append(np.linalg.norm(np.asarray(jax.jacobian(last_state)(hs[T - k])), 2))
+    return np.asarray(out)
+
+
+@SETTINGS
+@given(kind=st.sampled_from(["rnn", "gru"]), H=st.integers(1, 5), T=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
+def test_state_jacobian_norms_equal_the_jacobian_of_the_unrolled_steps(kind, H, T, seed):
+    cell = rnn.CELLS[kind](2, H, rngs=nnx.Rngs(seed))
+    cell.W_h[...] = 1.5 * cell.W_h[...]
+    xs = cell.project(jax.random.normal(jax.random.key(seed), (T, 2)))
+    h0 = 0.5 * jax.random.normal(jax.random.key(seed + 1), (H,))
+    got = np.asarray(rnn.state_jacobian_norms(cell.recur, h0, xs))
+    assert got.shape == (T + 1,) and got[0] == 1.0
+    np.testing.assert_allclose(got, _unrolled_jacobian_norms(cell.recur, h0, xs), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_state_jacobian_norms_of_a_linear_rnn_are_geometric():
+    """tanh'(0) = 1 on a zero trajectory: with W_h = a Q (Q orthogonal) the norms are a^k."""
+    q = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))[0]
+    step = lambda h, x: rnn_step(x[None], h[None], jnp.zeros((1, 4)), 0.7 * jnp.asarray(q, jnp.float32),
+                                 jnp.zeros(4))[0]
+    got = np.asarray(rnn.state_jacobian_norms(step, jnp.zeros(4), jnp.zeros((6, 1))))
+    np.testing.assert_allclose(got, 0.7 ** np.arange(7), rtol=1e-5)
+
+
+def test_the_jacobian_grader_accepts_another_valid_method():
+    from arcourse.course.grading import check
+
+    def direct(step, h0, xs):
+        return jnp.asarray(_unrolled_jacobian_norms(step, h0, xs), jnp.float32)
+
+    assert check("rnns.jacobian_norms", direct, quiet=True).outcome == "passed"
+
+
+def test_the_jacobian_graders_reference_is_the_modules():
+    from arcourse.course.grading import get_exercise
+
+    ex = get_exercise("rnns.jacobian_norms")
+    for case in ex.make_cases():
+        np.testing.assert_allclose(ex.reference(*case.args), rnn.state_jacobian_norms(*case.args),
+                                   rtol=1e-5, atol=1e-7)
