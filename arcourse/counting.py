@@ -14,7 +14,8 @@ import numpy as np
 
 from arcourse._checks import check_int
 
-__all__ = ["context_ids", "count_transitions", "smoothed_conditional", "NGramCounts"]
+__all__ = ["context_ids", "count_transitions", "smoothed_conditional", "NGramCounts",
+           "kl_divergence_rate"]
 
 
 def context_ids(seq, order: int, vocab_size: int) -> np.ndarray:
@@ -62,6 +63,25 @@ def smoothed_conditional(counts, alpha: float) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         probs = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0 / V)
     return probs
+
+
+def kl_divergence_rate(source, log_theta) -> float:
+    r"""$D(p \,\|\, q) = \sum_c \pi(c) \sum_x A[c,x] \ln (A[c,x] / \theta_{c,x})$, nats per symbol.
+
+    The KL divergence rate from a Markov ``source`` (a :class:`arcourse.data.MarkovSource`, with
+    transition table $A$ and stationary law $\pi$ over contexts) to a tabular model of the same
+    order with log-probabilities ``log_theta`` of shape (V**order, V). The model's cross-entropy
+    rate, what its held-out NLL estimates, is the source's entropy rate plus this. Exact: no
+    sampling. Terms with $A[c,x] = 0$ contribute 0.
+    """
+    A = np.asarray(source.transitions, dtype=np.float64)
+    log_theta = np.asarray(log_theta, dtype=np.float64)
+    if log_theta.shape != A.shape:
+        raise ValueError(f"log_theta must have the shape of the source's table {A.shape}, got "
+                         f"{log_theta.shape} (a model of another order?)")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(A > 0, A * (np.log(np.where(A > 0, A, 1.0)) - log_theta), 0.0)
+    return float(source.stationary @ terms.sum(axis=1))
 
 
 @dataclass(eq=False)

@@ -119,3 +119,27 @@ def test_count_model_approaches_the_source():
     model = counting.NGramCounts(order=2, vocab_size=4).fit(src.sample(1, 200_000))
     gap = -model.conditional_log_probs(heldout).mean() + src.conditional_log_probs(heldout).mean()
     assert 0 <= gap < 0.005
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 2), st.integers(2, 4), st.floats(0.05, 2.0), st.integers(0, 10**6))
+def test_cross_entropy_rate_is_entropy_rate_plus_kl_rate(order, V, alpha, seed):
+    """-sum_c pi(c) sum_x A ln theta = H + D(p || q); D >= 0, and D = 0 for the true table."""
+    src = MarkovSource.random(order=order, vocab_size=V, concentration=0.5, seed=seed)
+    model = counting.NGramCounts(order, V, alpha).fit(src.sample(seed, 300))
+    kl = counting.kl_divergence_rate(src, model.log_probs)
+    cross = float(-(src.stationary[:, None] * src.transitions * model.log_probs).sum())
+    assert math.isclose(cross, src.entropy_rate() + kl, rel_tol=1e-9, abs_tol=1e-12)
+    assert kl >= 0.0
+    assert abs(counting.kl_divergence_rate(src, np.log(src.transitions))) < 1e-12
+
+
+def test_heldout_gap_to_the_source_estimates_the_kl_rate():
+    src = MarkovSource.random(order=2, vocab_size=3, concentration=0.5, seed=3)
+    model = counting.NGramCounts(order=2, vocab_size=3, alpha=0.5).fit(src.sample(0, 2_000))
+    heldout = src.sample(1, 400_000)
+    gap = float(src.conditional_log_probs(heldout).mean()
+                - model.conditional_log_probs(heldout).mean())
+    assert math.isclose(gap, counting.kl_divergence_rate(src, model.log_probs), abs_tol=2e-3)
+    with pytest.raises(ValueError, match="shape"):
+        counting.kl_divergence_rate(src, np.zeros((3, 3)))
