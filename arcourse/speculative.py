@@ -343,6 +343,13 @@ def speculative_samples(target: GPT, draft: GPT, prompt, num_tokens: int, keys, 
                         min_p, verify_fn)
 
 
+@nnx.jit
+def _forward(model, tokens):
+    """``model(tokens)``, compiled: a first eager call of a GPT compiles each of its many
+    operations on its own, which takes seconds."""
+    return model(tokens)
+
+
 def sequence_distribution(model: GPT, prompt, num_tokens: int, *, temperature=1.0, top_k=None,
                           top_p=None, min_p=None):
     r"""The exact distribution of the next ``num_tokens`` tokens under ``model`` and the settings:
@@ -357,7 +364,7 @@ def sequence_distribution(model: GPT, prompt, num_tokens: int, *, temperature=1.
     seqs = np.stack(np.unravel_index(np.arange(V ** num_tokens), (V,) * num_tokens), -1)
     seqs = jnp.asarray(seqs, jnp.int32)
     ids = jnp.concatenate([jnp.broadcast_to(prompt, (seqs.shape[0], prompt.shape[1])), seqs], 1)
-    probs = _probs(model(ids[:, :-1])[:, prompt.shape[1] - 1:], s)  # (S, N, V)
+    probs = _probs(_forward(model, ids[:, :-1])[:, prompt.shape[1] - 1:], s)  # (S, N, V)
     return seqs, jnp.prod(jnp.take_along_axis(probs, seqs[..., None], -1)[..., 0], axis=-1)
 
 
@@ -456,8 +463,10 @@ def mtp_head_loss(model: MTPModel, batch):
                                for k in range(1, model.num_heads)]))
 
 
+@nnx.jit
 def mtp_accuracy(model: MTPModel, inputs, targets):
-    """Top-1 accuracy of each head on ``(inputs (B, T), targets (n, B, T))``: (num_heads,)."""
+    """Top-1 accuracy of each head on ``(inputs (B, T), targets (n, B, T))``: (num_heads,).
+    Compiled (one program, not one compilation per operation)."""
     logits = model(inputs)
     return jnp.mean(jnp.argmax(logits, -1) == targets, axis=(1, 2))
 

@@ -180,6 +180,18 @@ def test_speculative_sampling_is_exact_by_chi_square(verify_fn, exact):
             assert pvalue < 1e-6, (settings_, pvalue)
 
 
+def test_speculative_sampling_is_exact_with_top_p_and_min_p():
+    """The nucleus (top-p) and min-p filters of chapter 04 shape p and q alike, and the output
+    is distributed as the target with those filters."""
+    target, draft = tiny_pair()
+    keys = jax.random.split(jax.random.key(12), SAMPLES)
+    for settings_ in ({"top_p": 0.8}, {"temperature": 1.2, "min_p": 0.2}):
+        _, probs = sp.sequence_distribution(target, PROMPT, N_TOKENS, **settings_)
+        res = sp.speculative_samples(target, draft, PROMPT, N_TOKENS, keys, gamma=2, **settings_)
+        assert _chi_square_pvalue(res, probs, 3) > 1e-3, settings_
+        assert 0.2 < res.alpha < 0.99, settings_  # rejections happen
+
+
 def test_draft_equal_to_target_accepts_everything():
     target, _ = tiny_pair()
     res = sp.speculative_generate(target, target, PROMPT, 20, jax.random.key(0), gamma=3)
