@@ -48,6 +48,7 @@ __all__ = [
     "sample_pixel",
     "sample",
     "independent_pixel_bpd",
+    "receptive_field",
 ]
 
 MASK_KINDS = ("A", "B", "vertical_first", "vertical", "horizontal_first", "horizontal", "full")
@@ -194,6 +195,67 @@ class MaskedConv2d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return masked_conv(x, self.kernel[...], self.mask, self.bias[...])
+
+
+# --------------------------------------------------------------------------------------------
+# Receptive fields, predicted from the masks alone
+# --------------------------------------------------------------------------------------------
+def _spread(field: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The input pixels that the output pixels in ``field`` read through one layer masked by
+    ``mask``: every ``p + (u - m_h, v - m_w)`` with ``p`` in ``field`` and ``mask[u, v]``, kept
+    inside the image (the zero padding outside carries no information)."""
+    H, W = field.shape
+    mh, mw = mask.shape[0] // 2, mask.shape[1] // 2
+    out = np.zeros_like(field)
+    for u, v in np.argwhere(mask):
+        du, dv = int(u) - mh, int(v) - mw
+        if abs(du) >= H or abs(dv) >= W:
+            continue
+        out[max(du, 0) : H + min(du, 0), max(dv, 0) : W + min(dv, 0)] |= (
+            field[max(-du, 0) : H + min(-du, 0), max(-dv, 0) : W + min(-dv, 0)])
+    return out
+
+
+def receptive_field(shape, pixel, num_layers: int, first_kernel: int = 3, kernel_size: int = 3,
+                    gated: bool = False) -> np.ndarray:
+    r"""The input pixels that can influence the output at ``pixel`` = (r, c), ``bool[H, W]``.
+
+    Computed from the masks alone, backwards from the output: a layer's output at $p$ reads its
+    input at $p + (u - m, v - m)$ for every tap $(u, v)$ its mask keeps, and only inside the image.
+
+    * ``gated=False``: a :class:`PixelCNN`: a type-A ``first_kernel`` layer, then
+      ``num_layers - 1`` type-B ``kernel_size`` layers (the residual path and the $1 \times 1$
+      head add nothing: type B already keeps the centre).
+    * ``gated=True``: a :class:`GatedPixelCNN`. Going back through layer $\ell$, the horizontal
+      output $h_\ell(p)$ reads $h_{\ell-1}$ through the horizontal mask and, through the link,
+      $v_{\ell-1}$ through the vertical mask; $v_\ell(p)$ reads $v_{\ell-1}$ through the vertical
+      mask; $v_0 = h_0$ is the image, and the output reads $h_L$.
+
+    A pixel is in the field when at least one path of kept taps joins it to the output: what a
+    Jacobian of the model shows as non-zero (for generic weights), at every input.
+    """
+    H, W = (int(v) for v in shape)
+    r, c = (int(v) for v in pixel)
+    if H < 1 or W < 1 or not (0 <= r < H and 0 <= c < W):
+        raise ValueError(f"pixel {pixel!r} must lie in an image of shape {shape!r}")
+    if not isinstance(num_layers, int | np.integer) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    _check_odd(first_kernel, "first_kernel")
+    _check_odd(kernel_size, "kernel_size")
+    out = np.zeros((H, W), bool)
+    out[r, c] = True
+    kernels = [kernel_size] * (num_layers - 1) + [first_kernel]  # last layer first
+    if not gated:
+        field = out
+        for i, k in enumerate(kernels):
+            field = _spread(field, conv_mask("A" if i == num_layers - 1 else "B", k))
+        return field
+    h, v = out, np.zeros_like(out)
+    for i, k in enumerate(kernels):
+        sfx = "_first" if i == num_layers - 1 else ""
+        h, v = (_spread(h, conv_mask("horizontal" + sfx, k)),
+                _spread(h | v, conv_mask("vertical" + sfx, k)))
+    return h | v
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ def test_dependency_map_recovers_a_known_pattern(n, seed, density):
         D = causality.dependency_map(_mixing(w), x, method=method)
         assert D.shape == (n, n)
         np.testing.assert_array_equal(D != 0, np.asarray(w) != 0)
+    D = causality.dependency_map_many(_mixing(w), jnp.stack([x, -x]))
+    np.testing.assert_array_equal(D != 0, np.asarray(w) != 0)
 
 
 def test_jacrev_and_vjp_agree_on_values_for_scalar_outputs():
@@ -104,3 +106,22 @@ def test_argument_validation():
         causality.causal_violations(np.ones((2, 3)))
     with pytest.raises(ValueError, match="shape"):
         causality.row_as_image(np.ones((4, 4)), 0, (3, 3))
+
+
+def test_dependency_map_many_adds_the_maps_and_sees_past_an_accidental_zero():
+    # y_i = relu(x_{i-1}) (a scalar per position): at an input with x_{i-1} < 0 the dependency
+    # is exactly zero by accident; over several inputs it shows.
+    def fn(x):
+        return jnp.concatenate([jnp.zeros((1, 1)), jax.nn.relu(x[:-1])], axis=0)
+
+    xs = jnp.asarray([[[-1.0], [2.0], [-3.0], [4.0]], [[1.0], [-2.0], [3.0], [-4.0]]])
+    one = causality.dependency_map(fn, xs[0])
+    assert one[1, 0] == 0 and one[2, 1] != 0  # one input misses the first dependency
+    many = causality.dependency_map_many(fn, xs)
+    # One output feature: |random weight * J| is |J| times a positive factor, so the pattern
+    # is that of the sum of the two Jacobian maps.
+    both = causality.dependency_map(fn, xs[0]) + causality.dependency_map(fn, xs[1])
+    np.testing.assert_array_equal(many != 0, both != 0)
+    np.testing.assert_array_equal(many != 0, np.eye(4, k=-1, dtype=bool))
+    with pytest.raises(ValueError, match="xs"):
+        causality.dependency_map_many(fn, jnp.zeros((4,), jnp.int32))

@@ -115,12 +115,38 @@ def _gated_reach(L):
     return _reach(L, lambda m, dc: abs(dc) <= L)
 
 
+def _predicted(num_layers, first_kernel, kernel_size, gated):
+    """Every pixel's receptive field from the masks alone, stacked into a dependency pattern."""
+    return np.stack([pixelcnn.receptive_field((H, W), divmod(i, W), num_layers, first_kernel,
+                                              kernel_size, gated).ravel() for i in range(H * W)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), n=st.integers(1, 6),
+       k1=st.sampled_from([1, 3, 5, 7]), k=st.sampled_from([1, 3, 5]), data=st.data())
+def test_receptive_field_is_causal_grows_with_depth_and_gated_covers_plain(h, w, n, k1, k, data):
+    r, c = data.draw(st.integers(0, h - 1)), data.draw(st.integers(0, w - 1))
+    earlier = (np.arange(h * w) < r * w + c).reshape(h, w)
+    fields = {}
+    for gated in (False, True):
+        f = pixelcnn.receptive_field((h, w), (r, c), n, k1, k, gated)
+        assert f.dtype == bool and f.shape == (h, w)
+        assert not (f & ~earlier).any()  # only strictly earlier pixels, at any depth
+        deeper = pixelcnn.receptive_field((h, w), (r, c), n + 1, k1, k, gated)
+        assert not (f & ~deeper).any()  # a layer more never loses a pixel
+        fields[gated] = f
+    assert not (fields[False] & ~fields[True]).any()  # the gated field contains the plain one
+    if k1 > 1:  # the whole row to the left is reached by the first layer alone, or more
+        assert fields[True][r, max(c - 1, 0) : c].all() and fields[False][r, max(c - 1, 0) : c].all()
+
+
 @pytest.mark.parametrize("L", [2, 4])
 def test_plain_pixelcnn_is_causal_and_has_the_predicted_blind_spot(L):
     model = pixelcnn.PixelCNN(LEVELS, 32, L, first_kernel=3, rngs=nnx.Rngs(L))
     D = _dependency(model)
     assert causality.is_causal(D)  # output i: zero gradient w.r.t. every input j >= i
     np.testing.assert_array_equal(D != 0, _plain_reach(L))
+    np.testing.assert_array_equal(D != 0, _predicted(L, 3, 3, gated=False))
 
 
 @pytest.mark.parametrize("L", [2, 4])
@@ -129,6 +155,7 @@ def test_gated_pixelcnn_is_causal_and_sees_the_whole_cone(L):
     D = _dependency(model)
     assert causality.is_causal(D)
     np.testing.assert_array_equal(D != 0, _gated_reach(L))
+    np.testing.assert_array_equal(D != 0, _predicted(L, 3, 3, gated=True))
 
 
 def test_deep_enough_gated_sees_every_earlier_pixel_and_plain_does_not():
@@ -136,9 +163,11 @@ def test_deep_enough_gated_sees_every_earlier_pixel_and_plain_does_not():
     Dg = _dependency(gated)
     assert causality.is_causal(Dg)
     assert len(causality.missing_dependencies(Dg)) == 0  # no blind spot at all
+    np.testing.assert_array_equal(Dg != 0, _predicted(5, 7, 3, gated=True))
     plain = pixelcnn.PixelCNN(LEVELS, 32, 8, first_kernel=7, rngs=nnx.Rngs(0))
     Dp = _dependency(plain)
     assert causality.is_causal(Dp)
+    np.testing.assert_array_equal(Dp != 0, _predicted(8, 7, 3, gated=False))
     missing = causality.missing_dependencies(Dp)
     assert len(missing) > 0
     # The blind spot is up and to the right: (r - m, c + dc) with dc > 3 + (m - 1).
