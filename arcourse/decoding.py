@@ -616,21 +616,25 @@ def sequence_log_prob(logits_fn: Callable, prompt, tokens):
     return lp.sum(-1), lp
 
 
-def distinct_ngrams(tokens, n: int) -> float:
-    """distinct-n (Li et al. 2016): distinct n-grams / all n-grams, over each row, averaged.
+def distinct_ngrams(tokens, n: int, *, pooled: bool = False) -> float:
+    """distinct-n of samples ``tokens`` (batch, length), two ways.
 
-    1.0 means no n-gram repeats; a text stuck in a loop scores near 0.
+    Per row (the default): the distinct n-grams of each row over its ``length - n + 1`` n-grams,
+    averaged over the rows; it measures how much each sample repeats itself (1.0: no n-gram
+    repeats; a text stuck in a loop scores near 0). ``pooled=True`` is the corpus-level measure
+    of Li et al. (2016): the distinct n-grams of all rows together (an n-gram never spans two
+    rows) over the total number of tokens, so samples that repeat each other count too.
     """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, length), got shape {tokens.shape}")
     if not isinstance(n, int | np.integer) or not 1 <= n <= tokens.shape[1]:
         raise ValueError(f"n must be an integer in [1, {tokens.shape[1]}], got {n!r}")
-    fracs = []
-    for row in tokens:
-        grams = np.lib.stride_tricks.sliding_window_view(row, n)
-        fracs.append(len({g.tobytes() for g in grams}) / len(grams))
-    return float(np.mean(fracs))
+    grams = [{g.tobytes() for g in np.lib.stride_tricks.sliding_window_view(row, n)}
+             for row in tokens]
+    if pooled:
+        return len(set().union(*grams)) / tokens.size
+    return float(np.mean([len(g) / (tokens.shape[1] - n + 1) for g in grams]))
 
 
 def repetition_period(tokens, min_repeats: int = 2, min_length: int = 16) -> int | None:

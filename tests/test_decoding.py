@@ -434,6 +434,20 @@ def test_distinct_ngrams_and_repetition_period():
     assert dec.repetition_period([7] * 20) == 1
 
 
+def test_distinct_ngrams_pooled_is_li_et_als_corpus_level_measure():
+    """Pooled: distinct n-grams of all rows together over all tokens; n-grams never span rows."""
+    same = np.array([[1, 2, 3, 4], [1, 2, 3, 4]])
+    assert dec.distinct_ngrams(same, 2) == 1.0  # each row alone repeats nothing
+    assert dec.distinct_ngrams(same, 2, pooled=True) == 3 / 8  # but the rows repeat each other
+    # (1, 2) | (3, 4): no n-gram across the row boundary, such as (2, 3)
+    assert dec.distinct_ngrams(np.array([[1, 2], [3, 4]]), 2, pooled=True) == 2 / 4
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(5, 12))
+    want = len({tuple(r[i:i + 3]) for r in x for i in range(10)}) / x.size
+    assert dec.distinct_ngrams(x, 3, pooled=True) == want
+    assert dec.distinct_ngrams(x[:1], 3, pooled=True) <= dec.distinct_ngrams(x[:1], 3)
+
+
 def test_generate_on_a_char_rnn_matches_teacher_forcing():
     m = CharRNN(7, 8, cell="lstm", rngs=nnx.Rngs(0))
     prompt = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
