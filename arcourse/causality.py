@@ -78,23 +78,29 @@ def dependency_map(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *,
         jac = jnp.abs(jac).reshape(math.prod(out_pos), -1, n_in, math.prod(x.shape[len(in_pos):]))
         return np.asarray(jac.sum(axis=(1, 3)))
     if method == "vjp":
-        y = jax.eval_shape(fn, x)
-        out_pos = _positions(y.shape, out_event_ndim, "out_event_ndim")
-        n_out = math.prod(out_pos)
-        event = y.shape[len(out_pos):]
-
-        @jax.jit
-        def rows(x, key):
-            _, pullback = jax.vjp(fn, x)
-            noise = jax.random.normal(key, (n_out, *event), y.dtype)
-            onehot = jnp.eye(n_out, dtype=y.dtype).reshape(n_out, n_out, *([1] * len(event)))
-            # Cotangent for output position i: random weights on its features, zero elsewhere.
-            cts = (onehot * noise[:, None]).reshape(n_out, *y.shape)
-            (g,) = jax.lax.map(pullback, cts, batch_size=64)
-            return jnp.abs(g).reshape(n_out, n_in, -1).sum(-1)
-
-        return np.asarray(rows(x, jax.random.key(seed)))
+        rows = _vjp_rows(fn, x, n_in, out_event_ndim)
+        return np.asarray(jax.jit(rows)(x, jax.random.key(seed)))
     raise ValueError(f"method must be 'jacrev' or 'vjp', got {method!r}")
+
+
+def _vjp_rows(fn, x, n_in: int, out_event_ndim: int):
+    """``rows(x, key) -> float[N_out, N_in]``: the dependency map at ``x`` from one
+    vector-Jacobian product per output position (traceable; shapes taken from ``x``)."""
+    y = jax.eval_shape(fn, x)
+    out_pos = _positions(y.shape, out_event_ndim, "out_event_ndim")
+    n_out = math.prod(out_pos)
+    event = y.shape[len(out_pos):]
+
+    def rows(x, key):
+        _, pullback = jax.vjp(fn, x)
+        noise = jax.random.normal(key, (n_out, *event), y.dtype)
+        onehot = jnp.eye(n_out, dtype=y.dtype).reshape(n_out, n_out, *([1] * len(event)))
+        # Cotangent for output position i: random weights on its features, zero elsewhere.
+        cts = (onehot * noise[:, None]).reshape(n_out, *y.shape)
+        (g,) = jax.lax.map(pullback, cts, batch_size=64)
+        return jnp.abs(g).reshape(n_out, n_in, -1).sum(-1)
+
+    return rows
 
 
 def dependency_map_many(fn: Callable[[jax.Array], jax.Array], xs: jax.Array, *,
@@ -113,24 +119,12 @@ def dependency_map_many(fn: Callable[[jax.Array], jax.Array], xs: jax.Array, *,
     xs = jnp.asarray(xs)
     if xs.ndim < 2 or not jnp.issubdtype(xs.dtype, jnp.floating):
         raise ValueError(f"xs must be a float array [K, ...] of K inputs, got {xs.dtype}{xs.shape}")
-    x = xs[0]
-    in_pos = _positions(x.shape, in_event_ndim, "in_event_ndim")
-    y = jax.eval_shape(fn, x)
-    out_pos = _positions(y.shape, out_event_ndim, "out_event_ndim")
-    n_in, n_out = math.prod(in_pos), math.prod(out_pos)
-    event = y.shape[len(out_pos):]
+    n_in = math.prod(_positions(xs.shape[1:], in_event_ndim, "in_event_ndim"))
+    rows = _vjp_rows(fn, xs[0], n_in, out_event_ndim)
 
     @jax.jit
     def total(xs, key):
-        def one(x, key):
-            _, pullback = jax.vjp(fn, x)
-            noise = jax.random.normal(key, (n_out, *event), y.dtype)
-            onehot = jnp.eye(n_out, dtype=y.dtype).reshape(n_out, n_out, *([1] * len(event)))
-            cts = (onehot * noise[:, None]).reshape(n_out, *y.shape)
-            (g,) = jax.vmap(pullback)(cts)
-            return jnp.abs(g).reshape(n_out, n_in, -1).sum(-1)
-
-        return jax.vmap(one)(xs, jax.random.split(key, xs.shape[0])).sum(0)
+        return jax.vmap(rows)(xs, jax.random.split(key, xs.shape[0])).sum(0)
 
     return np.asarray(total(xs, jax.random.key(seed)))
 
