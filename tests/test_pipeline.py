@@ -173,8 +173,9 @@ def test_toc_and_readme_list_every_chapter(tmp_path):
     assert "07" not in authoring.readme_chapter_rows(root)
 
 
-def _claim_calls():
-    """(chapter, claim-name node) for every ``claim(...)`` call in the chapters' code cells."""
+def _claim_calls(function: str = "claim"):
+    """(chapter, name node) for every ``claim(...)`` (or ``function(...)``) call in the chapters'
+    code cells."""
     import ast
 
     for md in authoring.chapter_sources():
@@ -185,7 +186,7 @@ def _claim_calls():
             src = "\n".join(x for x in cell.source.splitlines() if not x.lstrip().startswith(("%", "!")))
             for node in ast.walk(ast.parse(src)):
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                        and node.func.id == "claim" and node.args):
+                        and node.func.id == function and node.args):
                     yield md.stem, node.args[0]
 
 
@@ -211,6 +212,69 @@ def test_every_claim_has_a_recorded_full_mode_value():
             missing.append(f"{chapter}: {name}")
     assert seen, "no claims found"
     assert not missing, "no full-mode value recorded (run make verify):\n" + "\n".join(missing)
+
+
+def test_every_full_curve_is_recorded():
+    """Every ``full_curve`` a chapter draws in quick mode has its full-mode series recorded at seed
+    offset 0, under a literal name unique in the course."""
+    import ast
+
+    from arcourse.course.verify import FULL_VALUES_DIR
+
+    seen: dict[str, str] = {}
+    missing = []
+    for chapter, node in _claim_calls("full_curve"):
+        assert isinstance(node, ast.Constant) and isinstance(node.value, str), (
+            f"{chapter}: a full_curve's name must be a plain string literal (line {node.lineno})")
+        assert node.value not in seen, f"curve {node.value!r} is drawn by {seen[node.value]} and {chapter}"
+        seen[node.value] = chapter
+        path = FULL_VALUES_DIR / f"{chapter}.json"
+        recorded = json.loads(path.read_text()).get("curves", {}).get("0", {}) if path.exists() else {}
+        if node.value not in recorded:
+            missing.append(f"{chapter}: {node.value}")
+    assert not missing, "no full-mode curve recorded (run make verify):\n" + "\n".join(missing)
+
+
+def test_full_curve_records_in_full_mode_and_returns_it_in_quick_mode(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from arcourse.course import verify
+
+    report = tmp_path / "claims.jsonl"
+    monkeypatch.setattr(verify, "FULL_VALUES_DIR", tmp_path)
+    monkeypatch.setenv(verify.REPORT_ENV, str(report))
+    monkeypatch.delenv("ARCOURSE_QUICK", raising=False)
+    verify.full_curves.cache_clear()
+    try:
+        steps = list(range(1000))
+        assert verify.full_curve("demo curve", step=steps, val=[1 / (1 + s) for s in steps]) is None
+        records = [json.loads(x) for x in report.read_text().splitlines()]
+        series = records[0]["series"]
+        assert len(series["step"]) == verify.MAX_CURVE_POINTS
+        assert series["step"][0] == 0 and series["step"][-1] == 999  # thinned, ends kept
+        verify.record_full_values("99_demo", 0, [], 1.0, records)
+        monkeypatch.setenv("ARCOURSE_QUICK", "1")
+        ref = verify.full_curve("demo curve", step=[0, 1], val=[5.0, 4.0])
+        assert ref["step"] == series["step"] and ref["val"][0] == 1.0
+        assert verify.full_curve("never recorded", step=[0]) is None
+        fig, ax = plt.subplots()
+        line = verify.show_full_mode(ax, ref, "step", "val", label="validation")
+        assert line.get_label() == "validation (full mode)" and line.get_linestyle() == "--"
+        assert verify.show_full_mode(ax, None, "step", "val") is None
+        with pytest.raises(KeyError, match="train"):
+            verify.show_full_mode(ax, ref, "step", "train")
+        plt.close(fig)
+        with pytest.raises(ValueError, match="equal lengths"):
+            verify.full_curve("bad", step=[0, 1], val=[1.0])
+        # a run without curves drops that seed's curves
+        verify.record_full_values("99_demo", 0, [], 1.0)
+        assert verify.full_curve("demo curve", step=[0]) is None
+    finally:
+        verify.full_curves.cache_clear()
+        verify.full_values.cache_clear()
 
 
 def test_quick_mode_claim_prints_the_full_mode_value(tmp_path, monkeypatch, capsys):

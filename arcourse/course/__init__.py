@@ -8,6 +8,7 @@ A chapter needs four names from here::
 
 from arcourse.course.config import by_mode, is_quick, mode_banner, seed
 from arcourse.course.grading import check
-from arcourse.course.verify import claim
+from arcourse.course.verify import claim, full_curve, show_full_mode
 
-__all__ = ["by_mode", "check", "claim", "is_quick", "mode_banner", "seed"]
+__all__ = ["by_mode", "check", "claim", "full_curve", "is_quick", "mode_banner", "seed",
+           "show_full_mode"]

@@ -6,6 +6,10 @@ every chapter into one table. In quick mode budgets are tiny, so claims are show
 each then prints, beside its quick value, the value full mode reached, as ``make verify`` last
 recorded it in ``arcourse/course/full_values/<chapter>.json`` (one file per chapter, one table per
 seed offset), so a learner in quick mode still sees the number the chapter's argument rests on.
+
+Figures get the same treatment: ``ref = full_curve("name", step=steps, val=losses)`` records the
+named series in a full-mode ``make verify`` run and, in quick mode, returns the series full mode
+recorded, which ``show_full_mode(ax, ref, "step", "val")`` draws dashed beside the quick curve.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from arcourse.course.config import is_quick, seed
 
-__all__ = ["claim", "REPORT_ENV", "FULL_VALUES_DIR", "full_values", "record_full_values"]
+__all__ = ["claim", "full_curve", "show_full_mode", "REPORT_ENV", "FULL_VALUES_DIR",
+           "full_values", "full_curves", "record_full_values"]
 
 REPORT_ENV = "ARCOURSE_VERIFY_REPORT"
 FULL_VALUES_DIR = Path(__file__).with_name("full_values")
@@ -38,22 +43,47 @@ def full_values() -> dict[str, dict[str, float]]:
     return out
 
 
-def record_full_values(chapter: str, seed_offset: int, claims: list[dict],
-                       run_seconds: float) -> Path:
-    """Store one full-mode run's claim values for ``chapter`` at ``seed_offset``.
+@lru_cache(maxsize=1)
+def full_curves() -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Every recorded full-mode curve: name -> {seed offset (as a string) -> {series -> values}}."""
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for path in sorted(FULL_VALUES_DIR.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for seed_key, curves in data.get("curves", {}).items():
+            for name, series in curves.items():
+                out.setdefault(name, {})[seed_key] = series
+    return out
 
-    The seed's table is replaced as a whole, so a claim the chapter no longer makes disappears.
+
+def record_full_values(chapter: str, seed_offset: int, claims: list[dict],
+                       run_seconds: float, curves: list[dict] | None = None) -> Path:
+    """Store one full-mode run's claim values (and curves) for ``chapter`` at ``seed_offset``.
+
+    The seed's tables are replaced as a whole, so a claim or a curve the chapter no longer makes
+    disappears.
     """
     path = FULL_VALUES_DIR / f"{chapter}.json"
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     data.setdefault("seeds", {})[str(seed_offset)] = {c["name"]: round(float(c["value"]), 6)
                                                       for c in claims}
+    if curves:
+        data.setdefault("curves", {})[str(seed_offset)] = {c["name"]: c["series"] for c in curves}
+    elif str(seed_offset) in data.get("curves", {}):
+        del data["curves"][str(seed_offset)]
+    if "curves" in data:
+        data["curves"] = dict(sorted(data["curves"].items()))
+        if not data["curves"]:
+            del data["curves"]
     data.setdefault("run_seconds", {})[str(seed_offset)] = round(float(run_seconds), 1)
     data["seeds"] = dict(sorted(data["seeds"].items()))
     data["run_seconds"] = dict(sorted(data["run_seconds"].items()))
     FULL_VALUES_DIR.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     full_values.cache_clear()
+    full_curves.cache_clear()
     return path
 
 
@@ -91,3 +121,73 @@ def claim(name: str, value: float, *, at_most: float | None = None,
             f.write(json.dumps({"name": name, "value": value, "target": f"{rel} {target:g}",
                                 "unit": unit, "ok": result}) + "\n")
     return result
+
+
+MAX_CURVE_POINTS = 200  # a recorded curve is thinned to this many points (evenly spaced)
+
+
+def _recorded_for_this_seed(recorded: dict):
+    here = str(seed(0))
+    if here in recorded:
+        return recorded[here]
+    return recorded.get("0") or (next(iter(recorded.values())) if recorded else None)
+
+
+def full_curve(name: str, **series) -> dict[str, list[float]] | None:
+    """A figure's curve as full mode draws it, for a quick-mode run to show beside its own.
+
+    ``series`` are equal-length 1-D sequences (for example ``step=steps, val=losses``). In full
+    mode, under ``make verify``, they are recorded (thinned to :data:`MAX_CURVE_POINTS` points) in
+    ``arcourse/course/full_values/<chapter>.json`` and ``None`` is returned: the figure already
+    shows the full-mode curve. In quick mode the recorded series are returned as a dict of lists
+    (``None`` if ``make verify`` has not recorded this name), ready for :func:`show_full_mode`.
+
+    >>> ref = full_curve("ch02 validation loss", step=steps, val=val_losses)  # doctest: +SKIP
+    """
+    import numpy as np
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"full_curve: name must be a non-empty string, got {name!r}")
+    if not series:
+        raise ValueError("full_curve: give at least one series, e.g. step=..., val=...")
+    cols = {}
+    for key, values in series.items():
+        arr = np.asarray(values, dtype=float).ravel()
+        if arr.size == 0:
+            raise ValueError(f"full_curve: series {key!r} is empty")
+        cols[key] = arr
+    lengths = {k: v.size for k, v in cols.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"full_curve: series must have equal lengths, got {lengths}")
+    if is_quick():
+        return _recorded_for_this_seed(full_curves().get(name, {}))
+    path = os.environ.get(REPORT_ENV)
+    if path:
+        n = next(iter(lengths.values()))
+        keep = np.unique(np.linspace(0, n - 1, min(n, MAX_CURVE_POINTS)).round().astype(int))
+        record = {"kind": "curve", "name": name,
+                  "series": {k: [round(float(x), 6) for x in v[keep]] for k, v in cols.items()}}
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    return None
+
+
+def show_full_mode(ax, ref: dict | None, x: str, y: str, label: str | None = None, **style):
+    """Draw a curve :func:`full_curve` returned, dashed, on the matplotlib axis ``ax``.
+
+    Does nothing (and returns ``None``) when ``ref`` is ``None``, that is in full mode or when no
+    full-mode run has been recorded, so a chapter calls it unconditionally. ``label`` gets
+    " (full mode)" appended; other keyword arguments go to ``ax.plot``.
+    """
+    if ref is None:
+        return None
+    for key in (x, y):
+        if key not in ref:
+            raise KeyError(f"show_full_mode: no series {key!r} in the recorded curve "
+                           f"(it has {sorted(ref)})")
+    style.setdefault("linestyle", "--")
+    style.setdefault("alpha", 0.8)
+    if label is not None:
+        style["label"] = f"{label} (full mode)"
+    (line,) = ax.plot(ref[x], ref[y], **style)
+    return line

@@ -87,6 +87,7 @@ def run_verify(chapters: list[str] | None = None, quick: bool = False) -> int:
             records = ([json.loads(x) for x in report.read_text().splitlines()]
                        if report.exists() else [])
         claims = [] if quick else [r for r in records if r.get("kind", "claim") == "claim"]
+        curves = [] if quick else [r for r in records if r.get("kind") == "curve"]
         fits = [r for r in records if r.get("kind") == "fit"]
         if fits:
             train_s = sum(r["seconds"] for r in fits)
@@ -94,8 +95,8 @@ def run_verify(chapters: list[str] | None = None, quick: bool = False) -> int:
             print(f"  training: {len(fits)} fit runs, {train_s:.0f} s, of which about "
                   f"{compile_s:.0f} s compiling (first chunk beyond a typical one); devices "
                   f"{sorted({r['devices'] for r in fits})}", flush=True)
-        if claims and not error:
-            stored = record_full_values(md.stem, seed(0), claims, seconds)
+        if (claims or curves) and not error:
+            stored = record_full_values(md.stem, seed(0), claims, seconds, curves)
             print(f"  full-mode values recorded in {stored.relative_to(ROOT)} "
                   f"(seed offset {seed(0)})", flush=True)
         in_time = seconds <= budget
