@@ -241,15 +241,14 @@ def fit(
         m, opt = nnx.merge(train_graph, state)
         loss, grads = nnx.value_and_grad(loss_fn)(m, shard(sample_batch(key)))
         opt.update(m, grads)
-        return nnx.split((m, opt))[1], loss
+        # a scalar float32 (as the inactive branch below), so that the step is traced only once
+        return nnx.split((m, opt))[1], jnp.asarray(loss, jnp.float32).reshape(())
 
     def one_step(state, key_and_active):
         # Every chunk has the same length, so the loop compiles once: a shorter last chunk is
         # padded with inactive steps, which leave the state as it is.
         key, active = key_and_active
-        loss_type = jax.eval_shape(train_step, state, key)[1]
-        return jax.lax.cond(active, train_step,
-                            lambda s, _: (s, jnp.zeros(loss_type.shape, loss_type.dtype)),
+        return jax.lax.cond(active, train_step, lambda s, _: (s, jnp.zeros((), jnp.float32)),
                             state, key)
 
     @functools.partial(jax.jit, out_shardings=chunk_out)
