@@ -17,7 +17,9 @@ same interface, rerunning the whole forward pass at every step. :class:`CroppedG
 past the trained context the standard way, running the model on the last ``context`` tokens only.
 
 :func:`copy_task` is a synthetic task where attention's direct access to the past wins: a random
-string followed by its exact repeat.
+string followed by its exact repeat. :func:`induction_task` repeats a random string at a random
+offset, so that copying needs an induction head: find the earlier occurrence of the current
+symbol by content, read what followed it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "UncachedGPT",
     "CroppedGPT",
     "copy_task",
+    "induction_task",
     "num_params",
 ]
 
@@ -361,6 +364,45 @@ def copy_task(key: jax.Array, batch_size: int, length: int, vocab_size: int):
     s = jnp.concatenate([u, u], axis=1)
     mask = jnp.broadcast_to(jnp.arange(2 * length - 1) >= length - 1, (batch_size, 2 * length - 1))
     return s[:, :-1], s[:, 1:], mask
+
+
+def induction_task(key: jax.Array, batch_size: int, max_repeat: int, vocab_size: int,
+                   min_repeat: int = 2):
+    r"""Repeated random sequences at a random offset: where only an induction head can copy.
+
+    Each row is $s = (u_1..u_L,\ u_1..u_L,\ r_1..r_{2M-2L})$ of $2M$ symbols, $M$ = ``max_repeat``:
+    $L$ distinct random symbols (drawn without replacement, so every symbol of the first copy
+    has one earlier occurrence), their exact repeat, then random filler. $L$ is drawn per row,
+    uniformly in ``min_repeat .. max_repeat``, so the repeat is at no fixed offset: a head that
+    attends a fixed number of positions back cannot copy it; one that finds the previous
+    occurrence of the current symbol by content and reads the symbol after it can.
+
+    Returns ``(inputs, targets, repeat, first)``, each (B, 2M-1): ``inputs = s[:-1]``,
+    ``targets = s[1:]``; ``repeat`` is true on the targets $u_2..u_L$ of the second copy (the
+    ones the first copy makes predictable: best loss 0), ``first`` on the targets $u_2..u_L$ of
+    the first copy (unpredictable: about $\ln V$). ``lm_loss`` reads ``repeat`` as its mask.
+    Traceable under ``jit``.
+    """
+    batch_size = _check_int("batch_size", batch_size)
+    max_repeat, vocab_size = _check_int("max_repeat", max_repeat, 2), _check_int("vocab_size",
+                                                                                 vocab_size, 2)
+    min_repeat = _check_int("min_repeat", min_repeat, 2)
+    if min_repeat > max_repeat or max_repeat > vocab_size:
+        raise ValueError(f"need 2 <= min_repeat <= max_repeat <= vocab_size, got min_repeat="
+                         f"{min_repeat}, max_repeat={max_repeat}, vocab_size={vocab_size}")
+    k_u, k_len, k_fill = jax.random.split(key, 3)
+    n = 2 * max_repeat
+    first = jax.vmap(lambda k: jax.random.permutation(k, vocab_size)[:max_repeat])(
+        jax.random.split(k_u, batch_size)).astype(jnp.int32)
+    fill = jax.random.randint(k_fill, (batch_size, n), 0, vocab_size, dtype=jnp.int32)
+    u = fill.at[:, :max_repeat].set(first)
+    L = jax.random.randint(k_len, (batch_size, 1), min_repeat, max_repeat + 1)
+    i = jnp.arange(n)[None]
+    s = jnp.take_along_axis(u, jnp.where((i >= L) & (i < 2 * L), i - L, i), axis=1)
+    t = jnp.arange(n - 1)[None]  # the target at t is s[t + 1]
+    repeat = (t >= L) & (t <= 2 * L - 2)
+    first_copy = jnp.broadcast_to(t <= L - 2, repeat.shape)
+    return s[:, :-1], s[:, 1:], repeat, first_copy
 
 
 def num_params(model: nnx.Module) -> int:

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from arcourse import causality, decoding
 from arcourse.attention import kv_cache_bytes_per_token
-from arcourse.gpt import GPT, CroppedGPT, GPTConfig, UncachedGPT, copy_task, num_params
+from arcourse.gpt import (
+    GPT,
+    CroppedGPT,
+    GPTConfig,
+    UncachedGPT,
+    copy_task,
+    induction_task,
+    num_params,
+)
 from arcourse.losses import lm_loss
 from arcourse.rnn import CharRNN
 
@@ -146,6 +154,36 @@ def test_copy_task_repeats_the_string_and_masks_the_predictable_half(length, voc
     assert 0 <= int(s.min()) and int(s.max()) < vocab
 
 
+@settings(max_examples=8, deadline=None)
+@given(st.integers(2, 6), st.integers(0, 4), st.integers(0, 10), st.integers(0, 1000))
+def test_induction_task_repeats_distinct_symbols_at_a_random_offset(lo, extra, spare, seed):
+    hi = lo + extra
+    vocab = hi + spare
+    x, y, rep, first = induction_task(jax.random.key(seed), 16, hi, vocab, min_repeat=lo)
+    assert x.shape == y.shape == rep.shape == first.shape == (16, 2 * hi - 1)
+    x, y, rep, first = (np.asarray(a) for a in (x, y, rep, first))
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    s = np.concatenate([x, y[:, -1:]], 1)
+    assert 0 <= s.min() and s.max() < vocab
+    t = np.arange(2 * hi - 1)
+    for row, r, f in zip(s, rep, first):
+        L = int(f.sum()) + 1  # the first copy's targets are u_2..u_L
+        assert lo <= L <= hi
+        np.testing.assert_array_equal(f, t <= L - 2)
+        np.testing.assert_array_equal(r, (t >= L) & (t <= 2 * L - 2))
+        assert len(set(row[:L].tolist())) == L  # distinct: one earlier occurrence each
+        np.testing.assert_array_equal(row[L:2 * L], row[:L])
+        # every masked target is the symbol after the previous occurrence of the current one
+        for i in np.flatnonzero(r):
+            prev = int(np.flatnonzero(row[:L] == row[i])[0])
+            assert row[i + 1] == row[prev + 1]
+
+
+def test_induction_task_varies_the_offset():
+    *_, first = induction_task(jax.random.key(0), 64, 12, 32, min_repeat=4)
+    assert len(set(np.asarray(first).sum(1).tolist())) >= 5  # no fixed offset to learn
+
+
 def test_losses_and_sizes():
     model = _model()
     x = _tokens(jax.random.key(4))
@@ -183,6 +221,8 @@ def test_arguments_are_validated():
         UncachedGPT(CharRNN(5, 4, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="length"):
         copy_task(jax.random.key(0), 2, 1, 4)
+    with pytest.raises(ValueError, match="max_repeat"):
+        induction_task(jax.random.key(0), 2, 8, 4)  # 8 distinct symbols from an alphabet of 4
 
 
 def test_attention_maps_are_causal_distributions(model):
