@@ -250,11 +250,13 @@ def test_full_curve_records_in_full_mode_and_returns_it_in_quick_mode(tmp_path, 
     verify.full_curves.cache_clear()
     try:
         steps = list(range(1000))
-        assert verify.full_curve("demo curve", step=steps, val=[1 / (1 + s) for s in steps]) is None
+        assert verify.full_curve("demo curve", step=steps, val=[1 / (1 + s) for s in steps],
+                                 tiny=[1e-11 * (1 + s) for s in steps]) is None
         records = [json.loads(x) for x in report.read_text().splitlines()]
         series = records[0]["series"]
         assert len(series["step"]) == verify.MAX_CURVE_POINTS
         assert series["step"][0] == 0 and series["step"][-1] == 999  # thinned, ends kept
+        assert series["tiny"][0] == 1e-11  # six significant digits, not six decimals
         verify.record_full_values("99_demo", 0, [], 1.0, records)
         monkeypatch.setenv("ARCOURSE_QUICK", "1")
         ref = verify.full_curve("demo curve", step=[0, 1], val=[5.0, 4.0])

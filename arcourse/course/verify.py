@@ -137,7 +137,8 @@ def full_curve(name: str, **series) -> dict[str, list[float]] | None:
     """A figure's curve as full mode draws it, for a quick-mode run to show beside its own.
 
     ``series`` are equal-length 1-D sequences (for example ``step=steps, val=losses``). In full
-    mode, under ``make verify``, they are recorded (thinned to :data:`MAX_CURVE_POINTS` points) in
+    mode, under ``make verify``, they are recorded (thinned to :data:`MAX_CURVE_POINTS` points, six
+    significant digits, so a gradient norm of 1e-11 survives) in
     ``arcourse/course/full_values/<chapter>.json`` and ``None`` is returned: the figure already
     shows the full-mode curve. In quick mode the recorded series are returned as a dict of lists
     (``None`` if ``make verify`` has not recorded this name), ready for :func:`show_full_mode`.
@@ -166,7 +167,7 @@ def full_curve(name: str, **series) -> dict[str, list[float]] | None:
         n = next(iter(lengths.values()))
         keep = np.unique(np.linspace(0, n - 1, min(n, MAX_CURVE_POINTS)).round().astype(int))
         record = {"kind": "curve", "name": name,
-                  "series": {k: [round(float(x), 6) for x in v[keep]] for k, v in cols.items()}}
+                  "series": {k: [float(f"{x:.6g}") for x in v[keep]] for k, v in cols.items()}}
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     return None
