@@ -53,10 +53,12 @@ def _forward(model, tokens):
 
 
 # Compiled: eagerly, each of the many small operations compiles on its own, once per shape.
-_residual_and_emitted = jax.jit(lambda p, q: (
-    sp.residual_distribution(p, q),
-    q * sp.accept_probability(p, q)
-    + (1 - jnp.minimum(p, q).sum()) * sp.residual_distribution(p, q)))
+@jax.jit
+def _residual_and_emitted(p, q):
+    r = sp.residual_distribution(p, q)
+    return r, q * sp.accept_probability(p, q) + (1 - jnp.minimum(p, q).sum()) * r
+
+
 _verify_both = jax.jit(lambda u, p, q, drafts, logits: (sp.speculative_verify(u, p, q, drafts),
                                                         sp.greedy_verify(logits, drafts)))
 _head_loss_grads = nnx.jit(nnx.grad(sp.mtp_head_loss))

@@ -28,34 +28,32 @@ REPORT_ENV = "ARCOURSE_VERIFY_REPORT"
 FULL_VALUES_DIR = Path(__file__).with_name("full_values")
 
 
-@lru_cache(maxsize=1)
-def full_values() -> dict[str, dict[str, float]]:
-    """Every recorded full-mode value: claim name -> {seed offset (as a string) -> value}."""
-    out: dict[str, dict[str, float]] = {}
+def _recorded(section: str) -> dict[str, dict[str, object]]:
+    """One section ("seeds" or "curves") of every chapter's full_values file:
+    name -> {seed offset (as a string) -> what was recorded}."""
+    out: dict[str, dict[str, object]] = {}
     for path in sorted(FULL_VALUES_DIR.glob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for seed_key, values in data.get("seeds", {}).items():
-            for name, value in values.items():
-                out.setdefault(name, {})[seed_key] = float(value)
+        for seed_key, entries in data.get(section, {}).items():
+            for name, entry in entries.items():
+                out.setdefault(name, {})[seed_key] = entry
     return out
+
+
+@lru_cache(maxsize=1)
+def full_values() -> dict[str, dict[str, float]]:
+    """Every recorded full-mode value: claim name -> {seed offset (as a string) -> value}."""
+    return {name: {k: float(v) for k, v in by_seed.items()}
+            for name, by_seed in _recorded("seeds").items()}
 
 
 @lru_cache(maxsize=1)
 def full_curves() -> dict[str, dict[str, dict[str, list[float]]]]:
     """Every recorded full-mode curve: name -> {seed offset (as a string) -> {series -> values}}."""
-    out: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for path in sorted(FULL_VALUES_DIR.glob("*.json")):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for seed_key, curves in data.get("curves", {}).items():
-            for name, series in curves.items():
-                out.setdefault(name, {})[seed_key] = series
-    return out
+    return _recorded("curves")
 
 
 def record_full_values(chapter: str, seed_offset: int, claims: list[dict],
