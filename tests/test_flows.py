@@ -110,9 +110,11 @@ def test_inverse_of_forward_is_the_identity(kind, dim):
         return x2, ld_x + ld_u, f.to_noise(f.to_data(x)[0])[0]
 
     x2, ld_sum, u2 = round_trips(flow, x)
-    np.testing.assert_allclose(x2, x, atol=1e-4)
+    # float32 rounding compounds over the `dim` sequential passes of the inversion, scaled by the
+    # perturbed flow's exp(alpha) factors: a few 1e-4 at dim 5. A wrong inverse is off by O(1).
+    np.testing.assert_allclose(x2, x, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(ld_sum, 0.0, atol=1e-4)
-    np.testing.assert_allclose(u2, x, atol=1e-4)
+    np.testing.assert_allclose(u2, x, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["maf", "iaf"])

@@ -298,3 +298,23 @@ def test_quick_mode_claim_prints_the_full_mode_value(tmp_path, monkeypatch, caps
         assert "0" not in verify.full_values()["demo loss"]
     finally:
         verify.full_values.cache_clear()
+
+
+def test_recorded_full_values_are_strict_json_and_refuse_non_finite(tmp_path, monkeypatch):
+    """Every recorded full-mode value is a finite number (strict JSON: no Infinity or NaN), and
+    recording a non-finite claim value fails, naming the claim."""
+    import json
+
+    import pytest
+
+    from arcourse.course import verify
+
+    def refuse(constant):
+        raise AssertionError(f"non-finite constant {constant} in a full_values file")
+
+    for path in sorted(verify.FULL_VALUES_DIR.glob("*.json")):
+        json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+    monkeypatch.setattr(verify, "FULL_VALUES_DIR", tmp_path)
+    with pytest.raises(ValueError, match="never solved"):
+        verify.record_full_values("99_x", 0, [{"name": "never solved", "value": float("inf")}], 1.0)
+    assert not list(tmp_path.iterdir())

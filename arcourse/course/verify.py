@@ -15,6 +15,7 @@ recorded, which ``show_full_mode(ax, ref, "step", "val")`` draws dashed beside t
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -64,6 +65,10 @@ def record_full_values(chapter: str, seed_offset: int, claims: list[dict],
     disappears.
     """
     path = FULL_VALUES_DIR / f"{chapter}.json"
+    bad = [c["name"] for c in claims if not math.isfinite(float(c["value"]))]
+    if bad:  # strict JSON has no inf or nan, and a full-mode value must be a measured number
+        raise ValueError(f"{chapter}: claims {bad} have non-finite values in full mode; "
+                         "report a finite measurement (a bound, if that is what was measured)")
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     data.setdefault("seeds", {})[str(seed_offset)] = {c["name"]: round(float(c["value"]), 6)
                                                       for c in claims}
