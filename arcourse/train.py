@@ -25,8 +25,8 @@ of one compiled step, and 4.1 s at quick mode's unoptimised code level
 took 1.36 s for 10 gradient steps in a scan against 11 ms per call (at the default level its
 scan was as fast as calls, so full mode is unaffected there). So in quick mode a step
 whose gradient has a convolution runs as one compiled step per call, from Python, which changes
-nothing but the speed (the chunk's trace is read to find out, then compiled as it is, so nothing
-is traced twice); full mode keeps the loop inside ``jit``.
+nothing but the speed (the chunk's trace is read to find out and, when it has no convolution,
+compiled as it is, so the common case is traced once); full mode keeps the loop inside ``jit``.
 """
 
 from __future__ import annotations
@@ -275,9 +275,9 @@ def fit(
         return jax.lax.scan(one_step, state, (keys, active))
 
     def chunk_runner(state, keys, active):
-        """The compiled chunk. In quick mode its trace is read first (and then compiled, not
-        traced again): a step with a convolution runs one compiled call per step instead (see
-        the module's docstring)."""
+        """The compiled chunk. In quick mode its trace is read first and, without a
+        convolution, compiled as it is; a step with a convolution runs one compiled call per
+        step instead, its step traced on its own (see the module's docstring)."""
         if not is_quick():
             return run_chunk
         traced = run_chunk.trace(state, keys, active)
@@ -361,7 +361,6 @@ def fit(
 def has_convolution(fn: Callable, *args) -> bool:
     """Whether ``fn(*args)`` computes a convolution anywhere (nested calls, loops, branches and
     custom derivatives included), read off its jaxpr; ``fn`` is traced, not run."""
-
     return _jaxpr_has_convolution(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
