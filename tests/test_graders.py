@@ -204,3 +204,47 @@ def test_hints_never_hand_over_the_reference_code(exercise_id):
         squeezed = re.sub(r"\s+", "", text or "")
         for line in code:
             assert line not in squeezed, f"{where} of {exercise_id} contains the reference's code {line!r}"
+
+
+def test_compiled_runs_one_program_per_case_and_keeps_python_values_fixed():
+    import jax
+    import jax.numpy as jnp
+
+    seen = []
+
+    def fn(x, size, scales=(1, 2)):
+        seen.append((isinstance(x, jax.core.Tracer), type(size), scales))
+        return jnp.tile(x, size) * sum(scales)
+
+    run = grading.compiled(fn)
+    x = jnp.arange(3.0)
+    np.testing.assert_allclose(run(x, 2, scales=(1, 3)), np.tile(np.arange(3.0), 2) * 4)
+    run(x, 2, scales=(1, 3))  # the same case again: compiled once, not traced again
+    assert seen == [(True, int, (1, 3))]
+
+
+def test_compiled_falls_back_to_running_as_written():
+    import contextlib
+    import io
+
+    import jax.numpy as jnp
+
+    def branchy(x):  # a Python `if` on a value: cannot be traced, right when run op by op
+        return x * 2 if float(x.sum()) > 0 else -x
+
+    def shouty(x):
+        print("x =", x)  # must show the learner values, not a tracer
+        return x + 1
+
+    x = jnp.ones(3)
+    np.testing.assert_allclose(grading.compiled(branchy)(x), 2 * np.ones(3))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        grading.compiled(shouty)(x)
+    assert "Traced" not in out.getvalue() and "[1. 1. 1.]" in out.getvalue(), out.getvalue()
+
+    def not_finished(x):
+        raise NotImplementedError
+
+    with pytest.raises(NotImplementedError):
+        grading.compiled(not_finished)(x)

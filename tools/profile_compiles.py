@@ -1,14 +1,15 @@
-"""Where a chapter's quick-mode run spends its compilation: per program and per cell.
+"""Where a chapter's quick-mode run spends its time: per cell, and its compilation per program.
 
     .venv/bin/python tools/profile_compiles.py 11            # empty compilation cache (cold)
     .venv/bin/python tools/profile_compiles.py 11 --warm     # with build/jax-cache
 
 Runs the chapter's solution notebook in quick mode in a fresh kernel, with a ``jax.monitoring``
 listener that adds up XLA's backend compile time of every program (by its name, e.g.
-``jit(run_chunk)``, or ``jit(multiply)`` for an eager op) and of every cell. Then prints the total
-run time, the compile time and count, the costliest programs and the cells that compile most.
-A quick run is mostly compilation: hundreds of small programs (every eager op on every new
-shape, every initialiser) and one training chunk per model. Measure with nothing else running.
+``jit(run_chunk)``, or ``jit(multiply)`` for an eager op) and of every cell, and JAX's tracing
+and lowering time. Then prints the total run time, where JAX spent its part of it, the costliest
+programs, and the slowest cells with their wall time beside their compile time. What a cell
+spends outside compilation is mostly running its programs (quick mode compiles them
+unoptimised) and tracing and lowering them. Measure with nothing else running.
 """
 
 from __future__ import annotations
@@ -28,23 +29,34 @@ LISTENER = '''
 import collections as _collections, jax.monitoring as _monitoring
 _PROGRAMS = _collections.defaultdict(lambda: [0, 0.0])
 _CELLS = _collections.defaultdict(lambda: [0, 0.0])
+_EVENTS = _collections.defaultdict(lambda: [0, 0.0])
+_WALL = _collections.defaultdict(float)
 _CELL = ["(setup)"]
+_START = [__import__("time").perf_counter()]
+import time as _time
+def _post_run(result):
+    _WALL[_CELL[0]] += _time.perf_counter() - _START[0]
 def _pre_run(info):
+    _START[0] = _time.perf_counter()
     lines = [x for x in info.raw_cell.splitlines() if x.strip()]
     _CELL[0] = lines[0][:70] if lines else "?"
 def _on_duration(event, seconds, **kw):
+    _EVENTS[event.rsplit("/", 1)[-1]][0] += 1
+    _EVENTS[event.rsplit("/", 1)[-1]][1] += seconds
     if event.endswith("backend_compile_duration"):
         for table, key in ((_PROGRAMS, kw.get("fun_name", "?")), (_CELLS, _CELL[0])):
             table[key][0] += 1
             table[key][1] += seconds
 get_ipython().events.register("pre_run_cell", _pre_run)
+get_ipython().events.register("post_run_cell", _post_run)
 _monitoring.register_event_duration_secs_listener(_on_duration)
 '''
 
 DUMP = '''
 import json as _json
 with open({path!r}, "w") as _f:
-    _json.dump({{"programs": dict(_PROGRAMS), "cells": dict(_CELLS)}}, _f)
+    _json.dump({{"programs": dict(_PROGRAMS), "cells": dict(_CELLS), "events": dict(_EVENTS),
+                "wall": dict(_WALL)}}, _f)
 '''
 
 
@@ -89,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     count = sum(n for n, _ in programs.values())
     print(f"{matches[0].name} ({'warm' if args.warm else 'cold'} cache): {total:.1f} s in all, "
           f"{compile_s:.1f} s compiling {count} programs")
-    for title, table in (("programs", programs), ("cells (by first line)", cells)):
-        print(f"\ncompile time by {title}:")
-        for name, (n, s) in sorted(table.items(), key=lambda kv: -kv[1][1])[:args.top]:
-            print(f"  {s:7.2f} s  x{n:4d}  {name}")
+    print("JAX's share, by stage: " + ", ".join(
+        f"{name.removesuffix('_duration').removesuffix('_sec')} {s:.1f} s"
+        for name, (n, s) in sorted(data["events"].items(), key=lambda kv: -kv[1][1])
+        if not name.startswith("compile_time_saved")))
+    print("\ncompile time by program:")
+    for name, (n, s) in sorted(programs.items(), key=lambda kv: -kv[1][1])[:args.top]:
+        print(f"  {s:7.2f} s  x{n:4d}  {name}")
+    print("\nslowest cells (by first line): wall time, compile time, programs compiled")
+    for name, wall in sorted(data["wall"].items(), key=lambda kv: -kv[1])[:args.top]:
+        n, s = cells.get(name, (0, 0.0))
+        print(f"  {wall:7.2f} s  {s:6.2f} s  x{n:4d}  {name}")
     return 0
 
 

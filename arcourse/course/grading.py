@@ -89,10 +89,11 @@ class Exercise:
         if self.test is not None:
             return self.test(fn, self) or "property checks passed"
         cases = self.make_cases()
+        reference, answer = compiled(self.reference), compiled(fn)
         for i, case in enumerate(cases):
             label = case.label or f"case {i + 1}"
-            expected = self.reference(*case.args, **case.kwargs)
-            got = fn(*case.args, **case.kwargs)
+            expected = reference(*case.args, **case.kwargs)
+            got = answer(*case.args, **case.kwargs)
             try:
                 assert_matches(got, expected, rtol=self.rtol, atol=self.atol,
                                where=f"{label} (input: {describe_call(case)})")
@@ -124,6 +125,66 @@ class Exercise:
                 continue
             return what
         return None
+
+
+def compiled(fn: Callable) -> Callable:
+    """``fn`` run as one compiled program per case, where that gives the same answer; else as it is.
+
+    Run op by op, a function compiles every operation for every new shape (tens of small programs
+    per case); compiled whole, it is one program per case, which makes a check several times
+    faster. The array arguments are traced and every other argument (an int size, a tuple of
+    scales) is fixed, so the function sees them as the plain Python values they are. Whatever
+    does not compile, or prints while it is traced (a learner's ``print`` should show values,
+    not tracers), runs op by op instead: so do functions with an argument that is neither arrays
+    nor a hashable constant (a model), and any function whose compiled run raises, which
+    then raises its own error as it would without this wrapper.
+    """
+    import contextlib
+    import io
+
+    import jax
+
+    variants: dict[tuple, Callable] = {}
+
+    def run(*args, **kwargs):
+        fixed = tuple(i for i, a in enumerate(args) if not _traced(a))
+        fixed_names = tuple(sorted(k for k, v in kwargs.items() if not _traced(v)))
+        try:
+            if any(_mixed(a) for a in (*args, *kwargs.values())):
+                raise TypeError("arrays mixed with other values")
+            hash(tuple(args[i] for i in fixed) + tuple(kwargs[k] for k in fixed_names))
+            key = (fixed, fixed_names)
+            if key not in variants:
+                variants[key] = jax.jit(fn, static_argnums=fixed, static_argnames=fixed_names)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                out = variants[key](*args, **kwargs)
+            if printed.getvalue():
+                raise RuntimeError("printed while traced")
+            return out
+        except Exception:  # noqa: BLE001 - anything jit cannot take runs op by op, as written
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def _leaves(x) -> list:
+    import jax
+
+    return jax.tree_util.tree_leaves(x)
+
+
+def _traced(x) -> bool:
+    """Whether ``x`` is passed to a compiled function as traced arrays: it has leaves, all arrays."""
+    leaves = _leaves(x)
+    return bool(leaves) and all(isinstance(v, np.ndarray) or hasattr(v, "aval") for v in leaves)
+
+
+def _mixed(x) -> bool:
+    """Arrays mixed with other leaves in one argument: neither traced nor fixed as a whole."""
+    leaves = _leaves(x)
+    arrays = sum(isinstance(v, np.ndarray) or hasattr(v, "aval") for v in leaves)
+    return 0 < arrays < len(leaves)
 
 
 def _all_nan(x) -> bool:
