@@ -98,7 +98,7 @@ class Exercise:
                 assert_matches(got, expected, rtol=self.rtol, atol=self.atol,
                                where=f"{label} (input: {describe_call(case)})")
             except CheckFailure as failure:
-                mistake = self.matching_mistake(fn, cases)
+                mistake = self.matching_mistake(answer, cases)
                 if mistake is None:
                     raise
                 raise CheckFailure(f"{failure}\n   your answer matches a classic mistake: "
