@@ -22,7 +22,8 @@ help:
 	@echo "make book       build the book site (book/_build/html)"
 	@echo "make verify     run every chapter in full mode and check the numbers it claims"
 	@echo "                (CHAPTERS=\"03 05\" for some of them, SEED=1 for the second seed,"
-	@echo "                QUICK=1 to time the quick mode instead)"
+	@echo "                QUICK=1 to time the quick mode instead, COLD=1 to time it from an"
+	@echo "                empty compilation cache, as a learner's first run)"
 	@echo "make lock       re-resolve requirements.lock from pyproject.toml"
 
 $(STAMP): requirements.lock pyproject.toml
@@ -102,7 +103,7 @@ notebooks: $(STAMP)
 SEED ?= 0
 # QUICK=1 runs the chapters in quick mode instead and judges only their run time (<= 30 s each)
 verify: $(STAMP)
-	ARCOURSE_SEED=$(SEED) $(PY) -m arcourse verify $(if $(QUICK),--quick) $(CHAPTERS)
+	ARCOURSE_SEED=$(SEED) $(PY) -m arcourse verify $(if $(QUICK),--quick) $(if $(COLD),--cold) $(CHAPTERS)
 
 lock: $(STAMP)
 	$(BIN)/pip install --quiet uv

@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("chapters", nargs="*", help="chapter numbers or slugs (default: all)")
     v.add_argument("--quick", action="store_true",
                    help="run in quick mode and judge only the run time (at most 30 s a chapter)")
+    v.add_argument("--cold", action="store_true",
+                   help="run each chapter with an empty JAX compilation cache, as a learner's "
+                        "first run does")
 
     args = parser.parse_args(argv)
     if args.command == "grade":
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         from arcourse.course.verify_run import run_verify
 
-        return run_verify(args.chapters, quick=args.quick)
+        return run_verify(args.chapters, quick=args.quick, cold=args.cold)
     return 2
 
 

@@ -96,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(env_before)
         shutil.rmtree(scratch, ignore_errors=True)
 
+    sys.path.insert(0, str(ROOT))
+    from arcourse.course.verify_run import machine_speed_ms
+
+    reference = machine_speed_ms()
     programs, cells = data["programs"], data["cells"]
     compile_s = sum(s for _, s in programs.values())
     count = sum(n for n, _ in programs.values())
     print(f"{matches[0].name} ({'warm' if args.warm else 'cold'} cache): {total:.1f} s in all, "
           f"{compile_s:.1f} s compiling {count} programs")
+    print(f"this machine's speed now: {reference:.1f} ms per tiny program compiled (a fixed reference "
+          "measured right after; compare runs only at similar values)")
     print("JAX's share, by stage: " + ", ".join(
         f"{name.removesuffix('_duration').removesuffix('_sec')} {s:.1f} s"
         for name, (n, s) in sorted(data["events"].items(), key=lambda kv: -kv[1][1])

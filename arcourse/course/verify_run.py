@@ -37,7 +37,8 @@ def slowest_cells(nb, n: int = 6) -> list[tuple[float, str]]:
     return sorted(out, reverse=True)[:n]
 
 
-def run_chapter(ipynb: Path, report: Path, quick: bool = False) -> tuple[float, str]:
+def run_chapter(ipynb: Path, report: Path, quick: bool = False,
+                cold: bool = False) -> tuple[float, str]:
     import nbformat
     from nbclient import NotebookClient
 
@@ -48,6 +49,8 @@ def run_chapter(ipynb: Path, report: Path, quick: bool = False) -> tuple[float, 
         os.environ["ARCOURSE_QUICK"] = "1"
     os.environ[REPORT_ENV] = str(report)
     os.environ.setdefault("ARCOURSE_PROGRESS", "off")
+    if cold:  # an empty compilation cache of its own, next to the claims report
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(report.parent / "jax-cache")
     start = time.perf_counter()
     error = ""
     try:
@@ -69,9 +72,40 @@ def run_chapter(ipynb: Path, report: Path, quick: bool = False) -> tuple[float, 
     return seconds, error
 
 
-def run_verify(chapters: list[str] | None = None, quick: bool = False) -> int:
+# A fixed reference: the time to compile the same 40 tiny programs in quick mode, from an empty
+# cache. Machines differ and a shared VM's speed drifts (by up to 2x within an hour, measured), so
+# a quick-mode time is reported beside it, measured in the same run.
+_SPEED_REFERENCE = """
+import os, tempfile, time
+os.environ["ARCOURSE_QUICK"] = "1"
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp()
+import arcourse, jax.numpy as jnp
+start = time.perf_counter()
+for n in range(1, 21):
+    (jnp.ones((n, 3)) * 2.0).block_until_ready()
+print((time.perf_counter() - start) / 40 * 1000)
+"""
+
+
+def machine_speed_ms() -> float:
+    """Milliseconds to compile one tiny program in quick mode (:data:`_SPEED_REFERENCE`), measured
+    now in a fresh process; ``nan`` if that fails. Lower is a faster machine."""
+    import math
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SPEED_REFERENCE], capture_output=True,
+                         text=True, cwd=ROOT)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return math.nan
+
+
+def run_verify(chapters: list[str] | None = None, quick: bool = False, cold: bool = False) -> int:
     """Run the chapters in full mode (claims judged, values recorded), or with ``quick`` in quick
-    mode, where only the run time is judged, against :data:`QUICK_BUDGET_S`."""
+    mode, where only the run time is judged, against :data:`QUICK_BUDGET_S`. With ``cold``, each
+    chapter starts from an empty compilation cache (a learner's first run), not the shared one."""
     sources = chapter_sources()
     budget = QUICK_BUDGET_S if quick else TIME_BUDGET_S
     if chapters:
@@ -83,7 +117,7 @@ def run_verify(chapters: list[str] | None = None, quick: bool = False) -> int:
             report = Path(tmp) / "claims.jsonl"
             mode = "quick" if quick else "full"
             print(f"running {ipynb.relative_to(ROOT)} in {mode} mode ...", flush=True)
-            seconds, error = run_chapter(ipynb, report, quick=quick)
+            seconds, error = run_chapter(ipynb, report, quick=quick, cold=cold)
             records = ([json.loads(x) for x in report.read_text().splitlines()]
                        if report.exists() else [])
         claims = [] if quick else [r for r in records if r.get("kind", "claim") == "claim"]
@@ -117,6 +151,8 @@ def run_verify(chapters: list[str] | None = None, quick: bool = False) -> int:
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
     if quick:
+        print(f"this machine's speed: {machine_speed_ms():.1f} ms per tiny program compiled "
+              "(a fixed reference, measured now)")
         print(f"\nmake verify QUICK=1: {'every chapter' if ok else 'NOT every chapter'} ran without "
               f"error within {QUICK_BUDGET_S} s")
     else:
