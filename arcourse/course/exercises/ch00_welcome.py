@@ -8,7 +8,6 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
 from arcourse.course.grading import Case, CheckFailure, register, translate_error
 
@@ -369,6 +368,7 @@ def _walk_test(fn, ex) -> str:
     counts = np.bincount(np.ravel_multi_index(walks.T, (V,) * length), minlength=V**length)
     exact = np.array([_WALK[0, a] * _WALK[a, b] * _WALK[b, c]
                       for a, b, c in itertools.product(range(V), repeat=length)])
+    from scipy import stats  # imported here: scipy takes ~0.7 s to import
     _, pval = stats.chisquare(counts, exact * n)
     if pval < 1e-4:
         worst = int(np.argmax(np.abs(counts - exact * n) / np.sqrt(exact * n)))
