@@ -7,16 +7,24 @@ also tries the classic mistakes of that exercise and names the one the answer ma
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from arcourse import var
-from arcourse.course.grading import Case, CheckFailure, assert_matches, register
+from arcourse.course.grading import Case, CheckFailure, assert_matches, compiled, register
+
+
+def _arr(x, dtype=None):
+    """A case's array: NumPy values put on the device as they are (``jnp.asarray`` would compile
+    a small program for every new shape)."""
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def _f32(rng, *shape, scale=1.0):
-    return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+    return _arr(rng.normal(size=shape) * scale, jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +76,7 @@ def _quantise_cases(rng):
         book = _f32(rng, V, D, scale=0.8)
         cases.append(Case((rest, book, s), label=f"S={S}, size={s}, V={V}, D={D}"))
     # codes of very different norms: the dot product picks the longest, the distance the nearest
-    book = jnp.asarray(rng.normal(size=(8, 3)) * rng.uniform(0.1, 5.0, size=(8, 1)), jnp.float32)
+    book = _arr(rng.normal(size=(8, 3)) * rng.uniform(0.1, 5.0, size=(8, 1)), jnp.float32)
     cases.append(Case((_f32(rng, 4, 4, 3), book, 2), label="codes of very different norms"))
     return cases
 
@@ -119,9 +127,9 @@ def _inputs_cases(rng):
     for scales, V, D in [((1, 2), 4, 2), ((1, 2, 3, 4), 8, 3), ((1, 2, 4), 6, 4),
                          ((1, 3, 5), 10, 2)]:
         n = sum(s * s for s in scales)
-        toks = jnp.asarray(rng.integers(0, V, size=n), jnp.int32)
+        toks = _arr(rng.integers(0, V, size=n), jnp.int32)
         cases.append(Case((toks, _f32(rng, V, D), scales), label=f"scales {scales}, V={V}, D={D}"))
-    toks = jnp.asarray(rng.integers(0, 8, size=(3, 30)), jnp.int32)
+    toks = _arr(rng.integers(0, 8, size=(3, 30)), jnp.int32)
     cases.append(Case((toks, _f32(rng, 8, 3), (1, 2, 3, 4)), label="a batch of 3 sequences"))
     return cases
 
@@ -164,13 +172,20 @@ def _st_cases(rng):
             for shape in [(3,), (2, 4, 4, 8), (5, 2)]]
 
 
+def _value_and_grads(fn, f, f_hat, w):
+    """fn(f, f_hat) and the gradients of sum(w * fn(f, f_hat)) with respect to f and f_hat."""
+    grads = jax.grad(lambda a, b: jnp.sum(w * fn(a, b)), argnums=(0, 1))(f, f_hat)
+    return fn(f, f_hat), grads
+
+
 def _st_test(fn, ex):
+    run = compiled(functools.partial(_value_and_grads, fn))  # one program per case
     for case in ex.make_cases():
         f, f_hat = case.args
-        assert_matches(fn(f, f_hat), f_hat, rtol=1e-5, atol=1e-6,
+        w = _arr(np.arange(1.0, f.size + 1.0).reshape(f.shape), jnp.float32)
+        value, (g_f, g_hat) = run(f, f_hat, w)
+        assert_matches(value, f_hat, rtol=1e-5, atol=1e-6,
                        where=f"{case.label}: the value must be f_hat")
-        w = jnp.arange(1.0, f.size + 1.0).reshape(f.shape)
-        g_f, g_hat = jax.grad(lambda a, b, w=w: jnp.sum(w * fn(a, b)), argnums=(0, 1))(f, f_hat)
         try:
             assert_matches(g_f, w, rtol=1e-5, atol=1e-6)
         except CheckFailure:
