@@ -32,8 +32,8 @@ _CELLS = _collections.defaultdict(lambda: [0, 0.0])
 _EVENTS = _collections.defaultdict(lambda: [0, 0.0])
 _WALL = _collections.defaultdict(float)
 _CELL = ["(setup)"]
-_START = [__import__("time").perf_counter()]
 import time as _time
+_START = [_time.perf_counter()]
 def _post_run(result):
     _WALL[_CELL[0]] += _time.perf_counter() - _START[0]
 def _pre_run(info):

@@ -147,10 +147,12 @@ def compiled(fn: Callable) -> Callable:
     variants: dict[tuple, Callable] = {}
 
     def run(*args, **kwargs):
-        fixed = tuple(i for i, a in enumerate(args) if not _traced(a))
-        fixed_names = tuple(sorted(k for k, v in kwargs.items() if not _traced(v)))
+        roles = [_role(a) for a in args]
+        named = {k: _role(v) for k, v in kwargs.items()}
+        fixed = tuple(i for i, r in enumerate(roles) if r == "fixed")
+        fixed_names = tuple(sorted(k for k, r in named.items() if r == "fixed"))
         try:
-            if any(_mixed(a) for a in (*args, *kwargs.values())):
+            if "mixed" in roles or "mixed" in named.values():
                 raise TypeError("arrays mixed with other values")
             hash(tuple(args[i] for i in fixed) + tuple(kwargs[k] for k in fixed_names))
             key = (fixed, fixed_names)
@@ -168,23 +170,16 @@ def compiled(fn: Callable) -> Callable:
     return run
 
 
-def _leaves(x) -> list:
+def _role(x) -> str:
+    """How a compiled function takes the argument ``x``: "traced" (its leaves are all arrays),
+    "fixed" (none are: a size, a tuple of scales) or "mixed" (both: it runs op by op)."""
     import jax
 
-    return jax.tree_util.tree_leaves(x)
-
-
-def _traced(x) -> bool:
-    """Whether ``x`` is passed to a compiled function as traced arrays: it has leaves, all arrays."""
-    leaves = _leaves(x)
-    return bool(leaves) and all(isinstance(v, np.ndarray) or hasattr(v, "aval") for v in leaves)
-
-
-def _mixed(x) -> bool:
-    """Arrays mixed with other leaves in one argument: neither traced nor fixed as a whole."""
-    leaves = _leaves(x)
+    leaves = jax.tree_util.tree_leaves(x)
     arrays = sum(isinstance(v, np.ndarray) or hasattr(v, "aval") for v in leaves)
-    return 0 < arrays < len(leaves)
+    if leaves and arrays == len(leaves):
+        return "traced"
+    return "mixed" if arrays else "fixed"
 
 
 def _all_nan(x) -> bool:
