@@ -256,15 +256,34 @@ class Digits:
     levels: int = 17
 
 
-def digits(num_train: int = 1500, seed: int = 0) -> Digits:
-    """``sklearn.datasets.load_digits`` split by a fixed permutation into train and test."""
+def _digits_table() -> np.ndarray:
+    """The 1797 rows of scikit-learn's digits (64 grey levels, then the label), as
+    ``sklearn.datasets.load_digits`` reads them: from the file scikit-learn ships, found without
+    importing scikit-learn (that import alone takes about a second); through ``load_digits`` if
+    the file is not where it was."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin is not None:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                return np.loadtxt(f, delimiter=",")
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    if not 0 < num_train < len(d.target):
-        raise ValueError(f"num_train must lie in (0, {len(d.target)}), got {num_train!r}")
-    x = d.images.astype(np.int32)
-    y = d.target.astype(np.int32)
+    return np.concatenate([d.data, d.target[:, None]], axis=1)
+
+
+def digits(num_train: int = 1500, seed: int = 0) -> Digits:
+    """``sklearn.datasets.load_digits`` split by a fixed permutation into train and test."""
+    table = _digits_table()
+    if not 0 < num_train < len(table):
+        raise ValueError(f"num_train must lie in (0, {len(table)}), got {num_train!r}")
+    x = table[:, :-1].reshape(-1, 8, 8).astype(np.int32)
+    y = table[:, -1].astype(np.int32)
     perm = np.random.default_rng(seed).permutation(len(y))
     tr, te = perm[:num_train], perm[num_train:]
     return Digits(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])

@@ -193,6 +193,18 @@ def use_every_core(count: int | None = None) -> int | None:
     return count
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _chunk_keys(key, n: int, chunk: int):
+    """The next key, and a chunk's ``chunk`` step keys of which the first ``n`` are active (the
+    rest repeat the last one), as one compiled program: op by op, each of these small steps would
+    compile a program of its own in every ``fit`` (integer arithmetic: the keys are the same)."""
+    key, sub = jax.random.split(key)
+    keys = jax.random.split(sub, n)
+    if n < chunk:
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], chunk - n, axis=0)])
+    return key, keys, jnp.arange(chunk) < n
+
+
 def _set_mode(model, train: bool):
     fn = getattr(model, "train" if train else "eval", None)
     if callable(fn):
@@ -309,15 +321,11 @@ def fit(
     while done < steps:
         chunk_start = time.perf_counter()
         n = min(chunk, steps - done)
-        key, sub = jax.random.split(key)
-        keys = jax.random.split(sub, n)
-        if n < chunk:
-            keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], chunk - n, axis=0)])
-        active = jnp.arange(chunk) < n
+        key, keys, active = _chunk_keys(key, n, chunk)
         if runner is None:
             runner = chunk_runner(state, keys, active)
         state, losses = runner(state, keys, active)
-        losses = np.asarray(losses[:n], dtype=np.float64)
+        losses = np.asarray(losses, dtype=np.float64)[:n]
         hist.train_steps.extend(range(done + 1, done + n + 1))
         hist.train_loss.extend(losses.tolist())
         done += n

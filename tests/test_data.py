@@ -92,6 +92,24 @@ def test_digits_split_is_fixed_and_disjoint():
     assert abs(bpd - 2.42) < 0.005
 
 
+def test_digits_are_scikit_learns_whether_read_from_its_file_or_through_load_digits(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    perm = np.random.default_rng(0).permutation(len(ref.target))
+    d = data.digits()  # read from the file scikit-learn ships
+    np.testing.assert_array_equal(d.x_train, ref.images.astype(np.int32)[perm[:1500]])
+    np.testing.assert_array_equal(d.y_test, ref.target[perm[1500:]])
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no file: load_digits
+    e = data.digits()
+    np.testing.assert_array_equal(e.x_train, d.x_train)
+    np.testing.assert_array_equal(e.y_train, d.y_train)
+    with pytest.raises(ValueError, match="num_train"):
+        data.digits(num_train=1797)
+
+
 def test_random_windows_are_shifted_by_one():
     tokens = np.arange(100)
     x, y = jax.jit(lambda k: data.random_windows(k, tokens, 8, 10))(jax.random.key(0))
