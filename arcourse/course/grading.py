@@ -42,6 +42,7 @@ __all__ = [
     "describe",
     "not_implemented_stub",
     "translate_error",
+    "device_array",
 ]
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
@@ -125,6 +126,17 @@ class Exercise:
                 continue
             return what
         return None
+
+
+def device_array(x, dtype=np.float32):
+    """A case's array: ``x`` converted to ``dtype`` in NumPy, then put on the device as it is.
+
+    ``jnp.asarray`` of a NumPy array or a list compiles a small conversion program for every new
+    shape (about 30 ms each on a laptop CPU, hundreds in a chapter's checks); ``jax.device_put``
+    of a ready NumPy array compiles nothing. The values are the same either way."""
+    import jax
+
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def compiled(fn: Callable) -> Callable:

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import flows
-from arcourse.course.grading import Case, register
+from arcourse.course.grading import Case, device_array, register
 
 
 def _f32(rng, *shape, scale=1.0):
-    return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+    return device_array(rng.normal(size=shape) * scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,10 +123,10 @@ def _autoregressive_fn(dim: int, seed: int, order: str = "natural"):
     rng = np.random.default_rng(seed)
     deg = np.arange(1, dim + 1) if order == "natural" else rng.permutation(dim) + 1
     mask = (deg[None, :] > deg[:, None]).astype(np.float32)  # mask[j, i]: y_j feeds output i
-    w1 = jnp.asarray(rng.normal(size=(dim, dim)) * 1.2 * mask, jnp.float32)
-    w2 = jnp.asarray(rng.normal(size=(dim, dim)) * 0.8 * mask, jnp.float32)
-    b1 = jnp.asarray(rng.normal(size=dim), jnp.float32)
-    b2 = jnp.asarray(0.3 * rng.normal(size=dim), jnp.float32)
+    w1 = device_array(rng.normal(size=(dim, dim)) * 1.2 * mask)
+    w2 = device_array(rng.normal(size=(dim, dim)) * 0.8 * mask)
+    b1 = device_array(rng.normal(size=dim))
+    b2 = device_array(0.3 * rng.normal(size=dim))
 
     def shift_log_scale(y):
         return 2.0 * jnp.tanh(y @ w1) + b1, 0.7 * jnp.tanh(y @ w2) + b2
