@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from arcourse._checks import as_array
 from arcourse.layers import Conv1x1, gated_activation
 
 __all__ = [
@@ -446,9 +447,20 @@ def sequential_log_probs(model, images, labels=None, *, fill: int = 0) -> jax.Ar
     For each pixel $i$ in raster order the model sees a canvas holding $x_{<i}$ and ``fill``
     everywhere else, and only its output at $i$ is kept: exactly what sampling does. Equal to
     :func:`image_log_probs` of the one-pass logits if and only if the model is causal (on these
-    images). A ``lax.scan`` over the $HW$ pixels; returns ``float[B, H, W]``.
+    images). A ``lax.scan`` over the $HW$ pixels, compiled as one program (the model is split
+    into a static graph and its state, as in :func:`sample`); returns ``float[B, H, W]``.
     """
-    images = jnp.asarray(images, jnp.int32)
+    images = as_array(images, np.int32)
+    if images.ndim != 3:
+        raise ValueError(f"images must have shape [B, H, W], got {images.shape}")
+    labels = None if labels is None else as_array(labels, np.int32)
+    graphdef, state = nnx.split(model)
+    return _sequential_loop(graphdef, state, images, labels, int(fill))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "fill"))
+def _sequential_loop(graphdef, state, images, labels, fill):
+    model = nnx.merge(graphdef, state)
     B, H, W = images.shape
     flat = images.reshape(B, H * W)
 
@@ -524,8 +536,8 @@ def sample(key: jax.Array, model, *, num: int | None = None, shape=(8, 8), label
     if canvas is None:
         if not isinstance(num, int | np.integer) or num < 1:
             raise ValueError(f"num must be a positive integer when no canvas is given, got {num!r}")
-        canvas = jnp.zeros((num, *shape), jnp.int32)
-    canvas = jnp.asarray(canvas, jnp.int32)
+        canvas = np.zeros((num, *shape), np.int32)
+    canvas = as_array(canvas, np.int32)
     if canvas.ndim != 3:
         raise ValueError(f"canvas must have shape [B, H, W], got {canvas.shape}")
     H, W = canvas.shape[1:]
@@ -535,7 +547,7 @@ def sample(key: jax.Array, model, *, num: int | None = None, shape=(8, 8), label
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if model.num_classes is not None and labels is None:
         raise ValueError("a class-conditional model needs labels int[B]")
-    labels = None if labels is None else jnp.asarray(labels, jnp.int32)
+    labels = None if labels is None else as_array(labels, np.int32)
     graphdef, state = nnx.split(model)
     return _sample_loop(graphdef, state, key, canvas, labels, jnp.int32(start),
                         jnp.float32(temperature))

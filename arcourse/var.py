@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from arcourse._checks import check_choice, check_int, check_positive_float
+from arcourse._checks import as_array, check_choice, check_int, check_positive_float
 from arcourse.attention import causal_mask, scaled_dot_product_attention
 from arcourse.layers import RMSNorm, SwiGLU, rms_norm
 
@@ -566,7 +566,7 @@ def sample(key: jax.Array, model: VARTransformer, labels, *, cfg_scale: float = 
     (AR, $N$ steps). Each step recomputes the whole sequence (no key/value cache); the mask makes
     the undrawn positions invisible to the drawn ones.
     """
-    labels = jnp.asarray(labels, jnp.int32)
+    labels = as_array(labels, np.int32)
     if labels.ndim != 1:
         raise ValueError(f"labels must be int (B,), got shape {labels.shape}")
     temperature = check_positive_float("temperature", temperature)

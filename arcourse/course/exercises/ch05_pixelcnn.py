@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import pixelcnn
-from arcourse.course.grading import Case, CheckFailure, register
+from arcourse.course.grading import Case, CheckFailure, device_array, register
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,10 +68,22 @@ register(
 # --------------------------------------------------------------------------------------------
 # pixelcnn.masked_conv
 # --------------------------------------------------------------------------------------------
+# The references of the numerical exercises are NumPy twins of the library's functions (float64,
+# returned as float32): the grader's checks run them as they are, so that only the answer is
+# compiled (one program per case instead of two).
 def masked_conv_reference(x, kernel, mask_type):
     r"""'Same' convolution of ``x`` [B, H, W, C_in] with ``kernel`` [k, k, C_in, C_out] masked by
-    ``causal_mask(k, mask_type)``."""
-    return pixelcnn.masked_conv(x, kernel, pixelcnn.causal_mask(kernel.shape[0], mask_type))
+    ``causal_mask(k, mask_type)``: :func:`arcourse.pixelcnn.masked_conv` in NumPy."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    k, m = kernel.shape[0], kernel.shape[0] // 2
+    w = kernel * pixelcnn.causal_mask(k, mask_type)[:, :, None, None]
+    B, H, W, _ = x.shape
+    xp = np.pad(x, ((0, 0), (m, m), (m, m), (0, 0)))
+    y = np.zeros((B, H, W, kernel.shape[3]))
+    for u in range(k):
+        for v in range(k):
+            y += xp[:, u:u + H, v:v + W] @ w[u, v]
+    return y.astype(np.float32)
 
 
 def _conv_cases(rng):
@@ -82,8 +94,8 @@ def _conv_cases(rng):
                                     ((2, 5, 6, 3, 4, 3), "A"), ((2, 5, 6, 3, 4, 3), "B"),
                                     ((1, 7, 7, 2, 3, 5), "A"), ((1, 7, 7, 2, 3, 5), "B"),
                                     ((3, 4, 4, 1, 2, 7), "B"), ((2, 4, 5, 2, 3, 1), "A")]:
-        x = jnp.asarray(rng.normal(size=(b, h, w, ci)), jnp.float32)
-        kern = jnp.asarray(rng.normal(size=(k, k, ci, co)), jnp.float32)
+        x = device_array(rng.normal(size=(b, h, w, ci)), jnp.float32)
+        kern = device_array(rng.normal(size=(k, k, ci, co)), jnp.float32)
         cases.append(Case((x, kern, t), label=f"{k}x{k} type {t}"))
     return cases
 
@@ -139,11 +151,11 @@ register(
 # pixelcnn.gated_activation
 # --------------------------------------------------------------------------------------------
 def _gate_cases(rng):
-    cases = [Case((jnp.asarray(rng.normal(size=s) * 2, jnp.float32),), label=f"shape {s}")
+    cases = [Case((device_array(rng.normal(size=s) * 2, jnp.float32),), label=f"shape {s}")
              for s in [(6,), (2, 3, 3, 8), (4, 10)]]
     # Large pre-activations: tanh and sigmoid saturate at -1, 1 and 0, 1; written with exp they
     # overflow to inf / inf = NaN.
-    big = jnp.asarray(rng.normal(size=(3, 12)) * 200, jnp.float32)
+    big = device_array(rng.normal(size=(3, 12)) * 200, jnp.float32)
     return cases + [Case((big,), label="large inputs (|x| up to several hundred)")]
 
 
@@ -158,11 +170,18 @@ def _sigmoid_by_exp(x):
     return jnp.tanh(a) * jnp.exp(b) / (1 + jnp.exp(b))
 
 
+def gated_activation_reference(x):
+    """:func:`arcourse.pixelcnn.gated_activation` in NumPy (sigmoid(b) = (1 + tanh(b / 2)) / 2,
+    finite for any b)."""
+    a, b = np.split(np.asarray(x, np.float64), 2, axis=-1)
+    return (np.tanh(a) * 0.5 * (1.0 + np.tanh(0.5 * b))).astype(np.float32)
+
+
 register(
     "pixelcnn.gated_activation",
     title="The gated tanh-sigmoid unit",
     points=1,
-    reference=pixelcnn.gated_activation,
+    reference=gated_activation_reference,
     cases=_gate_cases,
     wrong={
         "halves swapped (sigmoid of the first, tanh of the second)":
@@ -190,8 +209,8 @@ register(
 def _bpd_cases(rng):
     cases = []
     for b, h, w, levels in [(1, 1, 1, 2), (3, 4, 4, 5), (2, 8, 8, 17)]:
-        logits = jnp.asarray(rng.normal(size=(b, h, w, levels)) * 3, jnp.float32)
-        images = jnp.asarray(rng.integers(0, levels, size=(b, h, w)), jnp.int32)
+        logits = device_array(rng.normal(size=(b, h, w, levels)) * 3, jnp.float32)
+        images = device_array(rng.integers(0, levels, size=(b, h, w)), jnp.int32)
         cases.append(Case((logits, images), label=f"{b} images of {h}x{w}, {levels} levels"))
     # Images far apart: one image's logits near +1000, one near -1000. exp overflows (or, shifted
     # by one maximum for the whole batch, the low image underflows to log 0).
@@ -199,13 +218,13 @@ def _bpd_cases(rng):
     logits = rng.normal(size=(3, 4, 4, 5)) * 3 + np.array([1000.0, -1000.0, 0.0])[:, None, None,
                                                                                 None]
     images = rng.integers(0, 5, size=(3, 4, 4))
-    cases.append(Case((jnp.asarray(logits, jnp.float32), jnp.asarray(images, jnp.int32)),
+    cases.append(Case((device_array(logits, jnp.float32), device_array(images, jnp.int32)),
                       label="3 images of 4x4, 5 levels, logits near +1000, -1000 and 0"))
     # Wide rows: levels hundreds of logits apart. The observed level's probability underflows to
     # 0 in float32 (its log-probability, about -300, does not).
     logits = rng.normal(size=(2, 8, 8, 17)) * 100
     images = rng.integers(0, 17, size=(2, 8, 8))
-    cases.append(Case((jnp.asarray(logits, jnp.float32), jnp.asarray(images, jnp.int32)),
+    cases.append(Case((device_array(logits, jnp.float32), device_array(images, jnp.int32)),
                       label="2 images of 8x8, 17 levels, logits hundreds apart in each pixel"))
     return cases
 
@@ -237,11 +256,21 @@ def _bpd_global_max(lg, im):
     return -jnp.mean(_pick(lg, im) - lse) / math.log(2.0)
 
 
+def bits_per_dim_reference(logits, images):
+    """:func:`arcourse.pixelcnn.bits_per_dim` in NumPy (each pixel's log-softmax shifted by its own
+    maximum)."""
+    lg = np.asarray(logits, np.float64)
+    top = lg.max(-1, keepdims=True)
+    logp = lg - top - np.log(np.exp(lg - top).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.asarray(images)[..., None], axis=-1)
+    return np.asarray(-picked.mean() / math.log(2.0), np.float32)
+
+
 register(
     "pixelcnn.bits_per_dim",
     title="Bits per dimension from logits",
     points=1,
-    reference=pixelcnn.bits_per_dim,
+    reference=bits_per_dim_reference,
     cases=_bpd_cases,
     rtol=1e-5,
     atol=1e-5,
@@ -288,8 +317,8 @@ def _sample_pixel_test(fn, ex):
         logits = np.broadcast_to(base, (B, H, W, L)).copy()
         logits[0::2, r, c] = _POS_LOGITS[0] + shift
         logits[1::2, r, c] = _POS_LOGITS[1] + shift
-        logits = jnp.asarray(logits, jnp.float32)
-        canvas = jnp.asarray(rng.integers(0, L, size=(B, H, W)), jnp.int32)
+        logits = device_array(logits, jnp.float32)
+        canvas = device_array(rng.integers(0, L, size=(B, H, W)), jnp.int32)
         where = (f"index={index} (row {r}, column {c} of a {H}x{W} canvas), "
                  f"temperature={temperature}" + (f", logits near {shift:g}" if shift else ""))
         out = fn(jax.random.key(index), logits, canvas, index, temperature)

@@ -14,17 +14,52 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import var
-from arcourse.course.grading import Case, CheckFailure, assert_matches, compiled, register
-
-
-def _arr(x, dtype=None):
-    """A case's array: NumPy values put on the device as they are (``jnp.asarray`` would compile
-    a small program for every new shape)."""
-    return jax.device_put(np.asarray(x, dtype))
+from arcourse.course.grading import Case, CheckFailure, assert_matches, compiled, device_array, register
 
 
 def _f32(rng, *shape, scale=1.0):
-    return _arr(rng.normal(size=shape) * scale, jnp.float32)
+    return device_array(rng.normal(size=shape) * scale, jnp.float32)
+
+
+# The references of the numerical exercises, in NumPy (float64, returned as float32): the same
+# formulas as the library's functions, which the grader's checks run as they are, so that only
+# the answer is compiled (one program per case instead of two).
+def _np_resize(x, size):
+    """NumPy twin of :func:`arcourse.var.resize` (area averaging down, bilinear up)."""
+    h = x.shape[-2]
+    if size == h:
+        return x
+    m = var.area_matrix(size, h) if size < h else var.bilinear_matrix(size, h)
+    return np.einsum("ij,...jkd,lk->...ild", m, x, m)
+
+
+def quantise_step_reference(rest, codebook, size):
+    """:func:`arcourse.var.quantise_step` in NumPy."""
+    rest, book = np.asarray(rest, np.float64), np.asarray(codebook, np.float64)
+    r = _np_resize(rest, size)
+    tokens = np.argmin(np.square(r[..., None, :] - book).sum(-1), -1).astype(np.int32)
+    part = _np_resize(book[tokens], rest.shape[-2])
+    return tokens, part.astype(np.float32), (rest - part).astype(np.float32)
+
+
+def next_scale_inputs_reference(tokens, codebook, scales):
+    """:func:`arcourse.var.next_scale_inputs` in NumPy."""
+    tokens, book = np.asarray(tokens), np.asarray(codebook, np.float64)
+    lead, D = tokens.shape[:-1], book.shape[1]
+    parts, start = [], 0
+    for s in scales:
+        z = tokens[..., start:start + s * s].reshape(*lead, s, s)
+        parts.append(_np_resize(book[z], scales[-1]))
+        start += s * s
+    cum = np.cumsum(parts, axis=0)
+    ins = [_np_resize(cum[k], s).reshape(*lead, s * s, D) for k, s in enumerate(scales[1:])]
+    return np.concatenate(ins, axis=-2).astype(np.float32)
+
+
+def guided_logits_reference(cond, uncond, scale):
+    """:func:`arcourse.var.guided_logits` in NumPy."""
+    cond, uncond = np.asarray(cond), np.asarray(uncond)
+    return uncond + np.float32(scale) * (cond - uncond)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +111,7 @@ def _quantise_cases(rng):
         book = _f32(rng, V, D, scale=0.8)
         cases.append(Case((rest, book, s), label=f"S={S}, size={s}, V={V}, D={D}"))
     # codes of very different norms: the dot product picks the longest, the distance the nearest
-    book = _arr(rng.normal(size=(8, 3)) * rng.uniform(0.1, 5.0, size=(8, 1)), jnp.float32)
+    book = device_array(rng.normal(size=(8, 3)) * rng.uniform(0.1, 5.0, size=(8, 1)), jnp.float32)
     cases.append(Case((_f32(rng, 4, 4, 3), book, 2), label="codes of very different norms"))
     return cases
 
@@ -108,7 +143,7 @@ register(
     "var.quantise_step",
     title="One step of residual quantisation",
     points=3,
-    reference=var.quantise_step,
+    reference=quantise_step_reference,
     cases=_quantise_cases,
     rtol=1e-4, atol=1e-5,
     wrong={**QUANTISE_MISTAKES,
@@ -127,9 +162,9 @@ def _inputs_cases(rng):
     for scales, V, D in [((1, 2), 4, 2), ((1, 2, 3, 4), 8, 3), ((1, 2, 4), 6, 4),
                          ((1, 3, 5), 10, 2)]:
         n = sum(s * s for s in scales)
-        toks = _arr(rng.integers(0, V, size=n), jnp.int32)
+        toks = device_array(rng.integers(0, V, size=n), jnp.int32)
         cases.append(Case((toks, _f32(rng, V, D), scales), label=f"scales {scales}, V={V}, D={D}"))
-    toks = _arr(rng.integers(0, 8, size=(3, 30)), jnp.int32)
+    toks = device_array(rng.integers(0, 8, size=(3, 30)), jnp.int32)
     cases.append(Case((toks, _f32(rng, 8, 3), (1, 2, 3, 4)), label="a batch of 3 sequences"))
     return cases
 
@@ -154,7 +189,7 @@ register(
     "var.next_scale_inputs",
     title="The next-scale inputs (teacher forcing)",
     points=3,
-    reference=var.next_scale_inputs,
+    reference=next_scale_inputs_reference,
     cases=_inputs_cases,
     rtol=1e-4, atol=1e-5,
     wrong=INPUTS_MISTAKES,
@@ -182,7 +217,7 @@ def _st_test(fn, ex):
     run = compiled(functools.partial(_value_and_grads, fn))  # one program per case
     for case in ex.make_cases():
         f, f_hat = case.args
-        w = _arr(np.arange(1.0, f.size + 1.0).reshape(f.shape), jnp.float32)
+        w = device_array(np.arange(1.0, f.size + 1.0).reshape(f.shape), jnp.float32)
         value, (g_f, g_hat) = run(f, f_hat, w)
         assert_matches(value, f_hat, rtol=1e-5, atol=1e-6,
                        where=f"{case.label}: the value must be f_hat")
@@ -241,7 +276,7 @@ register(
     "var.guided_logits",
     title="Classifier-free guidance on logits",
     points=2,
-    reference=var.guided_logits,
+    reference=guided_logits_reference,
     cases=_cfg_cases,
     rtol=1e-5, atol=1e-4,
     wrong=CFG_MISTAKES,
