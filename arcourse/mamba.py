@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -580,6 +581,13 @@ def selective_copy_task(key, batch_size: int, length: int, num_tokens: int, voca
     num_tokens = check_int("num_tokens", num_tokens)
     length = check_int("length", length, num_tokens)
     vocab_size = check_int("vocab_size", vocab_size, 2)
+    return _selective_copy_task(key, batch_size, length, num_tokens, vocab_size)
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _selective_copy_task(key, batch_size, length, num_tokens, vocab_size):
+    """:func:`selective_copy_task`, compiled as one program (eagerly, each of its operations
+    would compile on its own); inside another ``jit`` it is simply inlined."""
     k_pos, k_sym = jax.random.split(key)
     # num_tokens distinct positions per row, in increasing order
     scores = jax.random.uniform(k_pos, (batch_size, length))

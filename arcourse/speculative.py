@@ -64,6 +64,7 @@ __all__ = [
     "SpecResult",
     "speculative_generate",
     "speculative_samples",
+    "speculative_samples_by_rule",
     "sequence_distribution",
     "MTPModel",
     "mtp_windows",
@@ -232,8 +233,10 @@ def _emit(out, n_out, drafts, n, token):
     return jax.lax.dynamic_update_slice_in_dim(out, chunk, n_out, axis=0)
 
 
-def _spec_run(tgraph, dgraph, num_tokens, gamma, verify_fn, tparams, dparams, prompt, key, s):
-    """One sequence of speculative sampling; prompt (1, P). The whole loop is a while_loop."""
+def _spec_run(tgraph, dgraph, num_tokens, gamma, verify_fn, tparams, dparams, prompt, key, s,
+              rule=None):
+    """One sequence of speculative sampling; prompt (1, P). The whole loop is a while_loop.
+    With ``rule`` (a traced int32), ``verify_fn`` is a tuple of rules and ``rule`` picks one."""
     target, draft = nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams)
     P = prompt.shape[1]
     max_len = P + num_tokens + gamma + 1
@@ -263,7 +266,11 @@ def _spec_run(tgraph, dgraph, num_tokens, gamma, verify_fn, tparams, dparams, pr
         length = tcache.length
         logits, tcache = target.extend(tcache, jnp.concatenate([last[None], drafts])[None])
         p = _probs(logits[0], s)  # (gamma+1, V)
-        n, dist = verify_fn(jax.random.uniform(ku, (gamma,)), p, qs, drafts)
+        u = jax.random.uniform(ku, (gamma,))
+        if rule is None:
+            n, dist = verify_fn(u, p, qs, drafts)
+        else:
+            n, dist = jax.lax.switch(rule, verify_fn, u, p, qs, drafts)
         token = _draw(kn, dist)
         n_test = jnp.minimum(n + 1, gamma)
         b = jnp.sum(jnp.minimum(p[:gamma], qs), axis=-1)
@@ -286,6 +293,19 @@ def _spec_jit(tgraph, dgraph, num_tokens, gamma, verify_fn, tparams, dparams, pr
     return jax.vmap(run, in_axes=(0, None))(keys, s)
 
 
+@functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "num_tokens", "gamma",
+                                             "verify_fns"))
+def _spec_rules_jit(tgraph, dgraph, num_tokens, gamma, verify_fns, tparams, dparams, prompt,
+                    keys, s, rule):
+    """:func:`_spec_jit` over S keys with one of several rules, picked by the traced ``rule``:
+    one compiled program serves every rule."""
+    def run(key):
+        return _spec_run(tgraph, dgraph, num_tokens, gamma, verify_fns, tparams, dparams, prompt,
+                         key, s, rule)
+
+    return jax.vmap(run)(keys)
+
+
 def _check_args(prompt, num_tokens, models):
     for name, m in models.items():
         if not isinstance(m, GPT):
@@ -299,14 +319,19 @@ def _check_args(prompt, num_tokens, models):
     return prompt.astype(jnp.int32), check_int("num_tokens", num_tokens)
 
 
-def _speculative(target, draft, prompt, num_tokens, keys, gamma, temperature, top_k, top_p,
-                 min_p, verify_fn):
+def _spec_setup(target, draft, prompt, num_tokens, gamma, temperature, top_k, top_p, min_p):
     prompt, num_tokens = _check_args(prompt, num_tokens, {"target": target, "draft": draft})
     gamma = check_int("gamma", gamma)
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ValueError(f"target and draft must share the vocabulary, got "
                          f"{target.cfg.vocab_size} and {draft.cfg.vocab_size}")
-    s = _settings(temperature, top_k, top_p, min_p)
+    return prompt, num_tokens, gamma, _settings(temperature, top_k, top_p, min_p)
+
+
+def _speculative(target, draft, prompt, num_tokens, keys, gamma, temperature, top_k, top_p,
+                 min_p, verify_fn):
+    prompt, num_tokens, gamma, s = _spec_setup(target, draft, prompt, num_tokens, gamma,
+                                               temperature, top_k, top_p, min_p)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(draft)
     return _spec_jit(tgraph, dgraph, num_tokens, gamma, verify_fn or speculative_verify,
@@ -343,6 +368,29 @@ def speculative_samples(target: GPT, draft: GPT, prompt, num_tokens: int, keys, 
                         min_p, verify_fn)
 
 
+def speculative_samples_by_rule(target: GPT, draft: GPT, prompt, num_tokens: int, keys,
+                                verify_fns, *, gamma: int = 4, temperature=1.0, top_k=None,
+                                top_p=None, min_p=None) -> list[SpecResult]:
+    """:func:`speculative_samples` once for each rule of ``verify_fns`` (a sequence of functions
+    with the signature of :func:`speculative_verify`), every rule with the same ``keys``.
+
+    Returns one :class:`SpecResult` per rule, each equal to what ``speculative_samples(...,
+    verify_fn=rule)`` returns; the rules share ONE compiled program (the rule is picked inside
+    the loop by ``lax.switch`` on a traced index), so several rules cost one compilation."""
+    keys = jnp.asarray(keys)
+    if keys.ndim != 1:
+        raise ValueError(f"keys must be a 1-D array of PRNG keys, got shape {keys.shape}")
+    verify_fns = tuple(verify_fns)
+    if not verify_fns or not all(callable(f) for f in verify_fns):
+        raise ValueError("verify_fns must be a non-empty sequence of verification functions")
+    prompt, num_tokens, gamma, s = _spec_setup(target, draft, prompt, num_tokens, gamma,
+                                               temperature, top_k, top_p, min_p)
+    tgraph, tparams = nnx.split(target)
+    dgraph, dparams = nnx.split(draft)
+    return [_spec_rules_jit(tgraph, dgraph, num_tokens, gamma, verify_fns, tparams, dparams,
+                            prompt, keys, s, np.int32(i)) for i in range(len(verify_fns))]
+
+
 @nnx.jit
 def _forward(model, tokens):
     """``model(tokens)``, compiled: a first eager call of a GPT compiles each of its many
@@ -362,10 +410,20 @@ def sequence_distribution(model: GPT, prompt, num_tokens: int, *, temperature=1.
         raise ValueError(f"V^N = {V}^{num_tokens} sequences is too many to enumerate")
     s = _settings(temperature, top_k, top_p, min_p)
     seqs = np.stack(np.unravel_index(np.arange(V ** num_tokens), (V,) * num_tokens), -1)
-    seqs = jnp.asarray(seqs, jnp.int32)
-    ids = jnp.concatenate([jnp.broadcast_to(prompt, (seqs.shape[0], prompt.shape[1])), seqs], 1)
-    probs = _probs(_forward(model, ids[:, :-1])[:, prompt.shape[1] - 1:], s)  # (S, N, V)
-    return seqs, jnp.prod(jnp.take_along_axis(probs, seqs[..., None], -1)[..., 0], axis=-1)
+    seqs = seqs.astype(np.int32)
+    ids = np.concatenate([np.broadcast_to(np.asarray(prompt), (seqs.shape[0], prompt.shape[1])),
+                          seqs], 1)
+    return jax.device_put(seqs), _sequence_probs(model, jax.device_put(ids), jax.device_put(seqs),
+                                                 s)
+
+
+@nnx.jit
+def _sequence_probs(model, ids, seqs, s):
+    """The probability of each sequence ``seqs`` (S, N) after the prompt that starts each row of
+    ``ids`` (S, P + N), in one compiled program (eagerly, each operation compiles on its own)."""
+    P = ids.shape[1] - seqs.shape[1]
+    probs = _probs(model(ids[:, :-1])[:, P - 1:], s)  # (S, N, V)
+    return jnp.prod(jnp.take_along_axis(probs, seqs[..., None], -1)[..., 0], axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +501,13 @@ class MTPModel(nnx.Module):
 def mtp_windows(key, tokens, batch_size: int, length: int, num_heads: int):
     """Random windows for multi-token prediction: ``(inputs (B, T), targets (n, B, T))`` with
     ``targets[k-1, b, t] = tokens[s_b + t + k]``, the token ``k`` after input ``t``."""
-    tokens = jnp.asarray(tokens)
+    return _mtp_windows(key, jnp.asarray(tokens), batch_size, length, num_heads)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _mtp_windows(key, tokens, batch_size, length, num_heads):
+    """:func:`mtp_windows` as one compiled program (eagerly, each operation compiles on its own;
+    inside another ``jit`` it is inlined)."""
     starts = jax.random.randint(key, (batch_size,), 0, tokens.shape[0] - length - num_heads)
     win = tokens[starts[:, None] + jnp.arange(length + num_heads)[None, :]]
     targets = jnp.stack([win[:, k:k + length] for k in range(1, num_heads + 1)])

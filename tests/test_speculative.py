@@ -216,6 +216,24 @@ def test_speculative_sampling_is_exact_by_chi_square(verify_fn, exact):
             assert pvalue < 1e-6, (settings_, pvalue)
 
 
+def test_samples_by_rule_equal_one_rule_at_a_time():
+    """One compiled sampler for several rules (a traced index picks the rule) gives, for each
+    rule, exactly what speculative_samples gives with that rule alone."""
+    target, draft = tiny_pair()
+    keys = jax.random.split(jax.random.key(13), 64)
+    rules = [sp.speculative_verify, sp.wrong_verify_resample_p, sp.wrong_verify_inverted]
+    together = sp.speculative_samples_by_rule(target, draft, PROMPT, N_TOKENS, keys, rules,
+                                              gamma=2, temperature=0.8, top_k=2)
+    assert len(together) == len(rules)
+    for rule, res in zip(rules, together):
+        alone = sp.speculative_samples(target, draft, PROMPT, N_TOKENS, keys, gamma=2,
+                                       verify_fn=rule, temperature=0.8, top_k=2)
+        for a, b in zip(alone, res):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="verify_fns"):
+        sp.speculative_samples_by_rule(target, draft, PROMPT, N_TOKENS, keys, [])
+
+
 def test_speculative_sampling_is_exact_with_top_p_and_min_p():
     """The nucleus (top-p) and min-p filters of chapter 04 shape p and q alike, and the output
     is distributed as the target with those filters."""

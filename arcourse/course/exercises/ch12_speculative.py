@@ -11,24 +11,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import speculative as sp
-from arcourse.course.grading import Case, register
+from arcourse.course.grading import Case, device_array, register
 
 
-def _dist(rng, *shape, sharp=2.0):
+def _dist_np(rng, *shape, sharp=2.0):
     """Random distributions over the last axis, float32. Built with numpy: eager JAX ops would
     compile once per new shape, and the cases should cost nothing next to the answer."""
     z = sharp * rng.normal(size=shape)
     e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return jnp.asarray(e / e.sum(axis=-1, keepdims=True), jnp.float32)
+    return np.asarray(e / e.sum(axis=-1, keepdims=True), np.float32)
+
+
+def _dist(rng, *shape, sharp=2.0):
+    return device_array(_dist_np(rng, *shape, sharp=sharp))
 
 
 # --------------------------------------------------------------------------------------------
 # speculative.accept_probability
 # --------------------------------------------------------------------------------------------
 def _accept_cases(rng):
-    cases = [Case((jnp.asarray([0.2, 0.5, 0.3]), jnp.asarray([0.4, 0.1, 0.3])),
+    cases = [Case((device_array([0.2, 0.5, 0.3]), device_array([0.4, 0.1, 0.3])),
                   label="p < q, p > q, p = q"),
-             Case((jnp.asarray([0.0, 1.0]), jnp.asarray([0.5, 1e-6])),
+             Case((device_array([0.0, 1.0]), device_array([0.5, 1e-6])),
                   label="p = 0, and a tiny q")]
     for n in (1, 7, 50):
         p, q = _dist(rng, n), _dist(rng, n)
@@ -62,8 +66,8 @@ register(
 # speculative.residual_distribution
 # --------------------------------------------------------------------------------------------
 def _residual_cases(rng):
-    cases = [Case((jnp.asarray([0.5, 0.3, 0.2]), jnp.asarray([0.2, 0.3, 0.5])), label="V=3"),
-             Case((jnp.asarray([0.25, 0.25, 0.5]), jnp.asarray([0.25, 0.25, 0.5])),
+    cases = [Case((device_array([0.5, 0.3, 0.2]), device_array([0.2, 0.3, 0.5])), label="V=3"),
+             Case((device_array([0.25, 0.25, 0.5]), device_array([0.25, 0.25, 0.5])),
                   label="p = q: nothing left, return p")]
     for V in (2, 10, 96):
         cases.append(Case((_dist(rng, V), _dist(rng, V)), label=f"random, V={V}"))
@@ -117,10 +121,10 @@ register(
 # speculative.expected_tokens_per_call
 # --------------------------------------------------------------------------------------------
 def _expected_cases(rng):
-    return [Case((jnp.asarray([0.0, 0.5, 0.8]), 4), label="alpha 0, 0.5, 0.8; gamma 4"),
-            Case((jnp.asarray([0.9, 1.0]), 3), label="alpha 1 (every draft accepted); gamma 3"),
-            Case((jnp.asarray(rng.uniform(0, 0.99, 6), jnp.float32), 1), label="gamma 1"),
-            Case((jnp.asarray(rng.uniform(0, 0.99, 6), jnp.float32), 8), label="gamma 8")]
+    return [Case((device_array([0.0, 0.5, 0.8]), 4), label="alpha 0, 0.5, 0.8; gamma 4"),
+            Case((device_array([0.9, 1.0]), 3), label="alpha 1 (every draft accepted); gamma 3"),
+            Case((device_array(rng.uniform(0, 0.99, 6)), 1), label="gamma 1"),
+            Case((device_array(rng.uniform(0, 0.99, 6)), 8), label="gamma 8")]
 
 
 def _geometric(alpha, power):
@@ -160,15 +164,15 @@ def _verify_cases(rng):
     for gamma, V, sharp in [(1, 5, 2.0), (4, 12, 1.0), (4, 12, 2.0), (4, 12, 4.0), (4, 12, 8.0)]:
         for _ in range(3):
             p = _dist(rng, gamma + 1, V, sharp=sharp)
-            q = _dist(rng, gamma, V, sharp=sharp)
+            q = _dist_np(rng, gamma, V, sharp=sharp)
             qq = np.asarray(q, np.float64)
-            drafts = jnp.asarray([rng.choice(V, p=qq[i] / qq[i].sum()) for i in range(gamma)],
-                                 jnp.int32)
-            u = jnp.asarray(rng.uniform(size=gamma) ** 2, jnp.float32)  # more acceptances
-            cases.append(Case((u, p, q, drafts), label=f"gamma={gamma}, V={V}, sharpness {sharp}"))
-    p = _dist(rng, 5, 12)  # the draft is the target: everything accepted, the bonus from p[4]
-    drafts = jnp.asarray(np.argmax(np.asarray(p[:4]), axis=-1), jnp.int32)
-    cases.append(Case((jnp.full(4, 0.999, jnp.float32), p, p[:4], drafts),
+            drafts = device_array([rng.choice(V, p=qq[i] / qq[i].sum()) for i in range(gamma)], np.int32)
+            u = device_array(rng.uniform(size=gamma) ** 2)  # more acceptances
+            cases.append(Case((u, p, device_array(q), drafts),
+                              label=f"gamma={gamma}, V={V}, sharpness {sharp}"))
+    p = _dist_np(rng, 5, 12)  # the draft is the target: everything accepted, the bonus from p[4]
+    drafts = device_array(np.argmax(p[:4], axis=-1), np.int32)
+    cases.append(Case((device_array(np.full(4, 0.999)), device_array(p), device_array(p[:4]), drafts),
                       label="q = p: all accepted"))
     return cases
 
@@ -226,12 +230,12 @@ def _greedy_cases(rng):
         drafts = np.where(rng.random(gamma) < match, best[:gamma], rng.integers(0, V, gamma))
         if match == 0.0:
             drafts = (best[:gamma] + 1) % V
-        cases.append(Case((jnp.asarray(logits), jnp.asarray(drafts, jnp.int32)),
+        cases.append(Case((device_array(logits), device_array(drafts, np.int32)),
                           label=f"gamma={gamma}, V={V}, about {match:.0%} of drafts right"))
     logits = np.asarray(rng.normal(size=(6, 10)) * 1e4, np.float32)  # large magnitudes
     drafts = np.argmax(logits, -1)[:5]
     drafts[2] = (drafts[2] + 1) % 10
-    cases.append(Case((jnp.asarray(logits), jnp.asarray(drafts, jnp.int32)),
+    cases.append(Case((device_array(logits), device_array(drafts, np.int32)),
                       label="large logits, the third draft wrong"))
     return cases
 
