@@ -12,27 +12,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import moe
-from arcourse.course.grading import Case, register
+from arcourse.course.grading import Case, device_array, register
 
 
 # The cases are built with NumPy: a case built with jax.numpy runs each of its operations
 # eagerly, each compiled on its own for its shape, which is most of a check's time.
-def _arr(x, dtype=None):
-    """A case's array: NumPy values put on the device as they are (``jnp.asarray`` would compile
-    a small program for every new shape)."""
-    return jax.device_put(np.asarray(x, dtype))
-
-
 def _probs(rng, n, e, scale=2.0):
     z = rng.normal(size=(n, e)) * scale
     p = np.exp(z - z.max(-1, keepdims=True))
-    return _arr(p / p.sum(-1, keepdims=True), jnp.float32)
+    return device_array(p / p.sum(-1, keepdims=True), jnp.float32)
 
 
 def _top_k_experts(p, k):
     """The k experts of highest probability, largest first (ties: the lower index), as
     jax.lax.top_k orders them; NumPy in, int32 out."""
-    return _arr(np.argsort(-np.asarray(p), axis=-1, kind="stable")[:, :k], jnp.int32)
+    return device_array(np.argsort(-np.asarray(p), axis=-1, kind="stable")[:, :k], jnp.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +39,7 @@ def top_k_gate(probs, k):
 
 
 def _gate_cases(rng):
-    uniform = _arr(np.full((3, 4), 0.25), jnp.float32)
+    uniform = device_array(np.full((3, 4), 0.25), jnp.float32)
     return [
         Case((_probs(rng, 5, 4), 1), label="k=1, 4 experts"),
         Case((_probs(rng, 6, 8), 2), label="k=2, 8 experts"),
@@ -105,19 +99,19 @@ register(
 # --------------------------------------------------------------------------------------------
 def _balanced_experts(n, e, k):
     t = np.arange(n)[:, None]
-    return _arr((t * k + np.arange(k)[None]) % e, jnp.int32)
+    return device_array((t * k + np.arange(k)[None]) % e, jnp.int32)
 
 
 def _lb_cases(rng):
     e, n = 8, 32
-    uniform = _arr(np.full((n, e), 1.0 / e), jnp.float32)
+    uniform = device_array(np.full((n, e), 1.0 / e), jnp.float32)
     collapsed = np.zeros((n, e), np.float32)
     collapsed[:, 0], collapsed[:, 1] = 0.9, 0.1
-    collapsed = _arr(collapsed)
+    collapsed = device_array(collapsed)
     cases = [
         Case((uniform, _balanced_experts(n, e, 1), 1.0), label="perfect balance, k=1"),
         Case((uniform, _balanced_experts(n, e, 2), 0.01), label="perfect balance, k=2, alpha=0.01"),
-        Case((collapsed, _arr(np.tile([[0, 1]], (n, 1)), jnp.int32), 1.0),
+        Case((collapsed, device_array(np.tile([[0, 1]], (n, 1)), jnp.int32), 1.0),
              label="collapsed onto experts 0 and 1, k=2"),
     ]
     for k in (1, 2, 3):
@@ -166,11 +160,11 @@ register(
 # --------------------------------------------------------------------------------------------
 def _z_cases(rng):
     return [
-        Case((_arr(np.zeros((4, 8)), jnp.float32),), label="zero logits: (ln 8)^2"),
-        Case((_arr(rng.normal(size=(10, 6)), jnp.float32),), label="random logits"),
-        Case((_arr(rng.normal(size=(5, 4)) * 30 + 100, jnp.float32),),
+        Case((device_array(np.zeros((4, 8)), jnp.float32),), label="zero logits: (ln 8)^2"),
+        Case((device_array(rng.normal(size=(10, 6)), jnp.float32),), label="random logits"),
+        Case((device_array(rng.normal(size=(5, 4)) * 30 + 100, jnp.float32),),
              label="large logits (about 100): exp overflows float32 unless the max is subtracted"),
-        Case((_arr(rng.normal(size=(5, 4)) * 30 - 200, jnp.float32),),
+        Case((device_array(rng.normal(size=(5, 4)) * 30 - 200, jnp.float32),),
              label="very negative logits: exp underflows to 0 without the max subtracted"),
     ]
 
@@ -202,14 +196,14 @@ register(
 # --------------------------------------------------------------------------------------------
 def _cap_cases(rng):
     return [
-        Case((_arr([[0], [0], [1], [0], [1]], jnp.int32), 2, 2),
+        Case((device_array([[0], [0], [1], [0], [1]], jnp.int32), 2, 2),
              label="k=1: the third token for expert 0 is dropped"),
-        Case((_arr([[0, 1], [0, 2], [1, 0], [2, 0]], jnp.int32), 3, 2),
+        Case((device_array([[0, 1], [0, 2], [1, 0], [2, 0]], jnp.int32), 3, 2),
              label="k=2: first choices queue before second choices"),
-        Case((_arr([[3, 1], [3, 0]], jnp.int32), 4, 1), label="capacity 1"),
-        Case((_arr(rng.integers(0, 4, size=(12, 1)), jnp.int32), 4, 100),
+        Case((device_array([[3, 1], [3, 0]], jnp.int32), 4, 1), label="capacity 1"),
+        Case((device_array(rng.integers(0, 4, size=(12, 1)), jnp.int32), 4, 100),
              label="capacity larger than needed: nothing dropped"),
-        Case((_arr(np.argsort(rng.random((16, 8)), axis=1)[:, :2], jnp.int32), 8, 3),
+        Case((device_array(np.argsort(rng.random((16, 8)), axis=1)[:, :2], jnp.int32), 8, 3),
              label="random routing, 16 tokens, k=2, 8 experts, capacity 3"),
     ]
 
@@ -253,14 +247,14 @@ register(
 # --------------------------------------------------------------------------------------------
 def _bias_cases(rng):
     return [
-        Case((_arr(np.zeros(4), jnp.float32), _arr([10, 2, 2, 2], jnp.int32), 0.01),
+        Case((device_array(np.zeros(4), jnp.float32), device_array([10, 2, 2, 2], jnp.int32), 0.01),
              label="one overloaded expert"),
-        Case((_arr([0.1, -0.2, 0.0], jnp.float32), _arr([5, 5, 5], jnp.int32), 0.5),
+        Case((device_array([0.1, -0.2, 0.0], jnp.float32), device_array([5, 5, 5], jnp.int32), 0.5),
              label="perfectly balanced: nothing moves"),
-        Case((_arr([0.3, 0.0, -0.1, 0.2], jnp.float32), _arr([1, 3, 5, 3], jnp.int32),
+        Case((device_array([0.3, 0.0, -0.1, 0.2], jnp.float32), device_array([1, 3, 5, 3], jnp.int32),
               0.1), label="experts exactly at the mean load keep their bias"),
-        Case((_arr(rng.normal(size=8), jnp.float32),
-              _arr(rng.integers(0, 10**6, size=8), jnp.int32), 1e-3),
+        Case((device_array(rng.normal(size=8), jnp.float32),
+              device_array(rng.integers(0, 10**6, size=8), jnp.int32), 1e-3),
              label="large counts: the step is gamma, whatever the size of the imbalance"),
     ]
 
