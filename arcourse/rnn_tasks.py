@@ -14,6 +14,7 @@ the key in its state and pay nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,21 +53,18 @@ class RecallTask:
         return self.gap + 3
 
     def sample(self, key: jax.Array, batch_size: int, num_segments: int) -> jax.Array:
-        """``batch_size`` sequences of ``num_segments`` segments, int32[B, S * (gap + 3)]. Traceable."""
+        """``batch_size`` sequences of ``num_segments`` segments, int32[B, S * (gap + 3)]. Traceable.
+
+        Compiled as one program (integer arithmetic only, so the same numbers as op by op)."""
         if not isinstance(num_segments, int) or num_segments < 1:
             raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}")
-        k1, k2 = jax.random.split(key)
-        keys = jax.random.randint(k1, (batch_size, num_segments, 1), 0, self.num_keys)
-        noise = self.num_keys + jax.random.randint(
-            k2, (batch_size, num_segments, self.gap), 0, self.num_noise)
-        marker = jnp.full((batch_size, num_segments, 1), self.marker)
-        seg = jnp.concatenate([keys, noise, marker, keys], axis=-1)
-        return seg.reshape(batch_size, -1).astype(jnp.int32)
+        return _sample(self, key, batch_size, num_segments)
 
     def batch(self, key: jax.Array, batch_size: int, num_segments: int):
         """(inputs, targets) for next-symbol prediction: the sequence and the sequence shifted by one."""
-        x = self.sample(key, batch_size, num_segments)
-        return x[:, :-1], x[:, 1:]
+        if not isinstance(num_segments, int) or num_segments < 1:
+            raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}")
+        return _batch(self, key, batch_size, num_segments)
 
     def recall_mask(self, num_segments: int) -> np.ndarray:
         """True at the targets (of :meth:`batch`) that are recalled keys, shape (S * L - 1,)."""
@@ -94,3 +92,20 @@ class RecallTask:
             return self.optimal_nll(num_segments)
         S, L = num_segments, self.segment_length
         return self.optimal_nll(num_segments) + S * math.log(self.num_keys) / (S * L - 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _sample(task: RecallTask, key: jax.Array, batch_size: int, num_segments: int) -> jax.Array:
+    k1, k2 = jax.random.split(key)
+    keys = jax.random.randint(k1, (batch_size, num_segments, 1), 0, task.num_keys)
+    noise = task.num_keys + jax.random.randint(
+        k2, (batch_size, num_segments, task.gap), 0, task.num_noise)
+    marker = jnp.full((batch_size, num_segments, 1), task.marker)
+    seg = jnp.concatenate([keys, noise, marker, keys], axis=-1)
+    return seg.reshape(batch_size, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _batch(task: RecallTask, key: jax.Array, batch_size: int, num_segments: int):
+    x = _sample(task, key, batch_size, num_segments)
+    return x[:, :-1], x[:, 1:]

@@ -18,6 +18,13 @@ from arcourse.course.grading import Case, register
 BINARY = np.array([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.03125], np.float32)
 
 
+def _dev(x):
+    """``x`` as a device array, float32 or int32, converted in NumPy: ``jnp.asarray`` of a NumPy
+    array or a list compiles a small program per shape, ``jax.device_put`` does not."""
+    x = np.asarray(x)
+    return jax.device_put(x.astype(np.float32 if x.dtype.kind == "f" else np.int32))
+
+
 # ---- top-k -----------------------------------------------------------------------------------
 def _top_k_cases(rng):
     z = rng.normal(size=(3, 10)).astype(np.float32)
@@ -26,18 +33,18 @@ def _top_k_cases(rng):
     large = np.array([[1000.0, 500.0, 0.0, -500.0, 250.0]], np.float32)
     apart = np.array([[9.0, 8.0, 7.0, 6.0], [-6.0, -7.0, -8.0, -9.0]], np.float32)
     return [
-        Case((jnp.asarray(z), 1), label="k=1 keeps only the arg max"),
-        Case((jnp.asarray(z), 4), label="k=4 keeps exactly the 4 largest of each row"),
-        Case((jnp.asarray(ties), 2), label="a tie at the 2nd largest value: every tied token "
+        Case((_dev(z), 1), label="k=1 keeps only the arg max"),
+        Case((_dev(z), 4), label="k=4 keeps exactly the 4 largest of each row"),
+        Case((_dev(ties), 2), label="a tie at the 2nd largest value: every tied token "
              "is kept (3 tokens)"),
-        Case((jnp.asarray(first), 1), label="a tie for the largest: both are kept"),
-        Case((jnp.asarray(z), 10), label="k = V keeps everything"),
-        Case((jnp.asarray(z), 25), label="k > V keeps everything"),
-        Case((jnp.asarray(large), 2), label="large logits (a softmax underflows to 0 for all "
+        Case((_dev(first), 1), label="a tie for the largest: both are kept"),
+        Case((_dev(z), 10), label="k = V keeps everything"),
+        Case((_dev(z), 25), label="k > V keeps everything"),
+        Case((_dev(large), 2), label="large logits (a softmax underflows to 0 for all "
              "but one): k=2 keeps 1000 and 500"),
-        Case((jnp.asarray(apart), 2), label="two rows far apart: each row keeps its own 2 "
+        Case((_dev(apart), 2), label="two rows far apart: each row keeps its own 2 "
              "largest"),
-        Case((jnp.asarray(z[0]), 3), label="a single row of shape (V,), k=3"),
+        Case((_dev(z[0]), 3), label="a single row of shape (V,), k=3"),
     ]
 
 
@@ -89,9 +96,9 @@ register(
 
 # ---- top-p -----------------------------------------------------------------------------------
 def _top_p_cases(rng):
-    p = jnp.asarray(BINARY)
-    shuffled = jnp.asarray(BINARY[[3, 0, 5, 2, 1, 4]])  # the tied 0.03125 at ids 2 and 5
-    rand = jnp.asarray(rng.dirichlet(np.ones(9), size=3).astype(np.float32))
+    p = _dev(BINARY)
+    shuffled = _dev(BINARY[[3, 0, 5, 2, 1, 4]])  # the tied 0.03125 at ids 2 and 5
+    rand = _dev(rng.dirichlet(np.ones(9), size=3).astype(np.float32))
     return [
         Case((p, 0.75), label="0.5 + 0.25 reaches p = 0.75 exactly: tokens 0 and 1, not 2"),
         Case((p, 0.6), label="the token that crosses p = 0.6 (token 1) must be kept"),
@@ -156,15 +163,15 @@ register(
 
 # ---- min-p -----------------------------------------------------------------------------------
 def _min_p_cases(rng):
-    p = jnp.asarray(BINARY)
-    rand = jnp.asarray(rng.dirichlet(np.full(7, 0.5), size=2).astype(np.float32))
-    apart = jnp.asarray([[0.875, 0.0625, 0.0625, 0.0], [0.25, 0.25, 0.25, 0.25]], jnp.float32)
+    p = _dev(BINARY)
+    rand = _dev(rng.dirichlet(np.full(7, 0.5), size=2).astype(np.float32))
+    apart = _dev([[0.875, 0.0625, 0.0625, 0.0], [0.25, 0.25, 0.25, 0.25]])
     return [
         Case((p, 0.25), label="0.125 = 0.25 * 0.5 sits exactly on the threshold: kept"),
         Case((p, 0.0625), label="0.03125 = 0.0625 * 0.5 exactly: kept"),
         Case((p, 0.3), label="threshold 0.15: tokens 0 and 1"),
-        Case((jnp.asarray([0.2, 0.2, 0.2, 0.2, 0.2]), 0.9), label="a flat distribution"),
-        Case((jnp.asarray([0.375, 0.375, 0.25]), 1.0),
+        Case((_dev([0.2, 0.2, 0.2, 0.2, 0.2]), 0.9), label="a flat distribution"),
+        Case((_dev([0.375, 0.375, 0.25]), 1.0),
              label="min_p = 1 keeps the most likely token and every token tied with it"),
         Case((apart, 0.5), label="two rows far apart: row 0's threshold is 0.4375, row 1's "
              "0.125 (each row uses its own largest probability)"),
@@ -191,21 +198,22 @@ register(
 
 # ---- repetition penalty ----------------------------------------------------------------------
 def _penalty_cases(rng):
-    z = jnp.asarray([[2.0, -2.0, 1.0, -1.0, 0.5]])
-    rand = jnp.asarray(rng.normal(size=(2, 8)).astype(np.float32) * 2)
-    two = jnp.asarray([[1.0, -1.0, 2.0, -2.0, 3.0, -3.0]] * 2)
+    z = _dev([[2.0, -2.0, 1.0, -1.0, 0.5]])
+    rand_rows = rng.normal(size=(2, 8)).astype(np.float32) * 2
+    rand = _dev(rand_rows)
+    two = _dev([[1.0, -1.0, 2.0, -2.0, 3.0, -3.0]] * 2)
     return [
-        Case((z, jnp.asarray([[0, 1, 4]]), 2.0), label="positive logits divided, negative ones "
+        Case((z, _dev([[0, 1, 4]]), 2.0), label="positive logits divided, negative ones "
              "multiplied"),
-        Case((z, jnp.asarray([[0, 0, 0, 1, 1]]), 2.0),
+        Case((z, _dev([[0, 0, 0, 1, 1]]), 2.0),
              label="tokens seen several times are penalised once"),
-        Case((two, jnp.asarray([[0, 1], [4, 5]]), 2.0),
+        Case((two, _dev([[0, 1], [4, 5]]), 2.0),
              label="two rows with different histories: each row penalises only its own tokens"),
-        Case((rand, jnp.asarray(rng.integers(0, 8, size=(2, 6))), 1.3),
+        Case((rand, _dev(rng.integers(0, 8, size=(2, 6))), 1.3),
              label="a batch of 2, random history"),
-        Case((rand[0], jnp.asarray([7, 2, 2]), 1.5), label="a single row: logits (V,), "
+        Case((_dev(rand_rows[0]), _dev([7, 2, 2]), 1.5), label="a single row: logits (V,), "
              "history (L,)"),
-        Case((rand, jnp.asarray([[3], [5]]), 1.0), label="penalty 1 changes nothing"),
+        Case((rand, _dev([[3], [5]]), 1.0), label="penalty 1 changes nothing"),
     ]
 
 
@@ -244,20 +252,22 @@ register(
 # ---- one beam-search step --------------------------------------------------------------------
 def _beam_cases(rng):
     def lp(shape):
-        return jax.nn.log_softmax(jnp.asarray(rng.normal(size=shape).astype(np.float32) * 2), -1)
+        z = rng.normal(size=shape).astype(np.float32) * 2.0  # log-softmax in NumPy (float64)
+        z = z.astype(np.float64) - z.max(-1, keepdims=True)
+        return _dev(z - np.log(np.exp(z).sum(-1, keepdims=True)))
 
-    tie = (jnp.asarray([-1.0, -1.0]), jnp.asarray([[-2.0, -0.5], [-0.5, -3.0]]))
+    tie = (_dev([-1.0, -1.0]), _dev([[-2.0, -0.5], [-0.5, -3.0]]))
     return [
-        Case((jnp.log(jnp.asarray([0.7, 0.3])), jnp.log(jnp.asarray([[0.6, 0.4], [0.9, 0.1]])),
+        Case((_dev(np.log([0.7, 0.3])), _dev(np.log([[0.6, 0.4], [0.9, 0.1]])),
               2), label="both survivors extend beam 0: 0.42 and 0.28 beat 0.27"),
-        Case((jnp.asarray([-1.0, -3.0, -3.5]), lp((3, 5)), 3),
+        Case((_dev([-1.0, -3.0, -3.5]), lp((3, 5)), 3),
              label="3 beams, 5 tokens, beams with different scores"),
-        Case((jnp.asarray([-0.2]), lp((1, 6)), 4), label="one beam (the first step), width 4"),
-        Case((jnp.asarray([-2.0, -2.5, -2.7, -4.0]), lp((4, 7)), 4), label="4 beams, 7 tokens"),
+        Case((_dev([-0.2]), lp((1, 6)), 4), label="one beam (the first step), width 4"),
+        Case((_dev([-2.0, -2.5, -2.7, -4.0]), lp((4, 7)), 4), label="4 beams, 7 tokens"),
         Case((*tie, 1), label="a tie: (beam 0, token 1) and (beam 1, token 0) both score -1.5; "
              "the lower flat index b*V + v (= 1, beam 0) wins"),
         Case((*tie, 3), label="the same tie, width 3: order (0, 1), (1, 0), (0, 0)"),
-        Case((jnp.asarray([-0.5, -jnp.inf, -jnp.inf]), lp((3, 4)), 3),
+        Case((_dev([-0.5, -np.inf, -np.inf]), lp((3, 4)), 3),
              label="dead beams (score -inf) next to a live one"),
     ]
 
