@@ -293,6 +293,11 @@ def test_quick_mode_claim_prints_the_full_mode_value(tmp_path, monkeypatch, caps
         assert "0.4100" in out and "full mode reached 0.0034" in out, out
         verify.claim("never recorded", 1.0, at_least=0.0)
         assert "not recorded" in capsys.readouterr().out
+        # a quantity quick mode does not measure (a model it does not train) is said to be so
+        assert verify.claim("demo loss", float("nan"), at_most=0.01) is None
+        out = capsys.readouterr().out
+        assert "not measured in quick mode" in out and "full mode reached 0.0034" in out, out
+        assert "nan" not in out, out
         # a later run at seed 0 replaces that seed's table: a claim no longer made disappears
         verify.record_full_values("99_demo", 0, [{"name": "other", "value": 1.0}], 12.0)
         assert "0" not in verify.full_values()["demo loss"]

@@ -117,7 +117,11 @@ def claim(name: str, value: float, *, at_most: float | None = None,
     else:
         verdict = "PASS" if ok else "FAIL"
         result = bool(ok)
-    print(f"claim: {name} = {value:.4f}{unit_s} (target {rel} {target:g}) {verdict}")
+    if is_quick() and math.isnan(value):  # a quantity quick mode does not measure (no run)
+        print(f"claim: {name}: not measured in quick mode (target {rel} {target:g}; "
+              f"{_full_mode_note(name)})")
+    else:
+        print(f"claim: {name} = {value:.4f}{unit_s} (target {rel} {target:g}) {verdict}")
     path = os.environ.get(REPORT_ENV)
     if path:
         with open(path, "a", encoding="utf-8") as f:
