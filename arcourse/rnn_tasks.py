@@ -56,14 +56,12 @@ class RecallTask:
         """``batch_size`` sequences of ``num_segments`` segments, int32[B, S * (gap + 3)]. Traceable.
 
         Compiled as one program (integer arithmetic only, so the same numbers as op by op)."""
-        if not isinstance(num_segments, int) or num_segments < 1:
-            raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}")
+        _check_num_segments(num_segments)
         return _sample(self, key, batch_size, num_segments)
 
     def batch(self, key: jax.Array, batch_size: int, num_segments: int):
         """(inputs, targets) for next-symbol prediction: the sequence and the sequence shifted by one."""
-        if not isinstance(num_segments, int) or num_segments < 1:
-            raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}")
+        _check_num_segments(num_segments)
         return _batch(self, key, batch_size, num_segments)
 
     def recall_mask(self, num_segments: int) -> np.ndarray:
@@ -92,6 +90,11 @@ class RecallTask:
             return self.optimal_nll(num_segments)
         S, L = num_segments, self.segment_length
         return self.optimal_nll(num_segments) + S * math.log(self.num_keys) / (S * L - 1)
+
+
+def _check_num_segments(num_segments) -> None:
+    if not isinstance(num_segments, int) or num_segments < 1:
+        raise ValueError(f"num_segments must be a positive integer, got {num_segments!r}")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))

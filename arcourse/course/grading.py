@@ -43,6 +43,7 @@ __all__ = [
     "not_implemented_stub",
     "translate_error",
     "device_array",
+    "normal_array",
 ]
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
@@ -137,6 +138,12 @@ def device_array(x, dtype=np.float32):
     from arcourse._checks import as_array
 
     return as_array(x, dtype)
+
+
+def normal_array(rng: np.random.Generator, *shape: int, scale: float = 1.0):
+    """A case's float32 array of standard normal draws from ``rng`` times ``scale``, on the
+    device (see :func:`device_array`)."""
+    return device_array(rng.normal(size=shape) * scale)
 
 
 def compiled(fn: Callable) -> Callable:

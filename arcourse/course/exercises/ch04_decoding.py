@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import decoding
-from arcourse.course.grading import Case, register
+from arcourse.course.grading import Case, device_array, register
 
 BINARY = np.array([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.03125], np.float32)
 
@@ -22,7 +22,7 @@ def _dev(x):
     """``x`` as a device array, float32 or int32, converted in NumPy: ``jnp.asarray`` of a NumPy
     array or a list compiles a small program per shape, ``jax.device_put`` does not."""
     x = np.asarray(x)
-    return jax.device_put(x.astype(np.float32 if x.dtype.kind == "f" else np.int32))
+    return device_array(x, np.float32 if x.dtype.kind == "f" else np.int32)
 
 
 # ---- top-k -----------------------------------------------------------------------------------

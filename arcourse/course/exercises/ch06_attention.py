@@ -16,17 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import attention
-from arcourse.course.grading import Case, CheckFailure, register
-
-
-def _f32(rng, *shape, scale=1.0):
-    # built in NumPy and put on the device as it is: jnp.asarray would compile a conversion per shape
-    return jax.device_put(np.asarray(rng.normal(size=shape) * scale, np.float32))
-
-
-def _i32(values):
-    return jax.device_put(np.asarray(values, np.int32))
-
+from arcourse.course.grading import Case, CheckFailure, device_array, register
+from arcourse.course.grading import normal_array as _f32
 
 # --------------------------------------------------------------------------------------------
 # attention.causal_mask
@@ -128,10 +119,11 @@ def rope_reference(x, positions):
 
 
 def _rope_cases(rng):
-    cases = [Case((_f32(rng, 1, 2), _i32([3])), label="one pair, position 3"),
-             Case((_f32(rng, 6, 8), _i32(np.arange(6))), label="positions 0..5, d=8")]
+    cases = [Case((_f32(rng, 1, 2), device_array([3], np.int32)), label="one pair, position 3"),
+             Case((_f32(rng, 6, 8), device_array(np.arange(6), np.int32)),
+                  label="positions 0..5, d=8")]
     for t, d in [(5, 16), (9, 32)]:
-        pos = _i32(rng.integers(0, 200, size=t))
+        pos = device_array(rng.integers(0, 200, size=t), np.int32)
         cases.append(Case((_f32(rng, t, d), pos), label=f"random positions, d={d}"))
     return cases
 
@@ -231,7 +223,7 @@ def _cache_test(fn, ex):
     case = ex.make_cases()[2]
     q, k_new, v_new, kc, vc, pos = case.args
     try:
-        got = jax.jit(fn)(q, k_new, v_new, kc, vc, _i32(pos))
+        got = jax.jit(fn)(q, k_new, v_new, kc, vc, device_array(pos, np.int32))
     except Exception as e:  # noqa: BLE001 - the learner's code under jit may raise anything
         raise CheckFailure(
             f"{case.label} with pos traced under jax.jit (as in a compiled decoding loop): your "

@@ -12,17 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from arcourse import wavenet
-from arcourse.course.grading import Case, CheckFailure, assert_matches, register
-
-
-def _f32(rng, *shape, scale=1.0):
-    # built in NumPy and put on the device as it is: jnp.asarray would compile a conversion per shape
-    return jax.device_put(np.asarray(rng.normal(size=shape) * scale, np.float32))
-
-
-def _put(values):
-    """A float32 array of ``values`` on the device, without a compiled conversion."""
-    return jax.device_put(np.asarray(values, np.float32))
+from arcourse.course.grading import Case, CheckFailure, assert_matches, device_array, register
+from arcourse.course.grading import normal_array as _f32
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,11 +30,11 @@ def _compress(x, mu=255.0):
 
 def _encode_cases(rng):
     return [
-        Case((_put([-1.0, 0.0, 1.0]),), label="the boundaries -1, 0, 1"),
-        Case((_put([1e-6, -1e-6, 0.5, -0.5, 0.01, -0.01]),), label="small and medium values"),
-        Case((_put(rng.uniform(-1, 1, size=200)),), label="200 random values"),
-        Case((_put(rng.uniform(-1, 1, size=(4, 8))),), label="a (4, 8) array"),
-        Case((_put([-1e3, -1.5, 1.5, 1e3]),), label="beyond [-1, 1]: clip first"),
+        Case((device_array([-1.0, 0.0, 1.0]),), label="the boundaries -1, 0, 1"),
+        Case((device_array([1e-6, -1e-6, 0.5, -0.5, 0.01, -0.01]),), label="small and medium values"),
+        Case((device_array(rng.uniform(-1, 1, size=200)),), label="200 random values"),
+        Case((device_array(rng.uniform(-1, 1, size=(4, 8))),), label="a (4, 8) array"),
+        Case((device_array([-1e3, -1.5, 1.5, 1e3]),), label="beyond [-1, 1]: clip first"),
     ]
 
 

@@ -14,10 +14,7 @@ import numpy as np
 
 from arcourse import flows
 from arcourse.course.grading import Case, device_array, register
-
-
-def _f32(rng, *shape, scale=1.0):
-    return device_array(rng.normal(size=shape) * scale)
+from arcourse.course.grading import normal_array as _f32
 
 
 # --------------------------------------------------------------------------------------------
